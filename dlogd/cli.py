@@ -1,0 +1,148 @@
+"""``dlogctl``: what a person does by hand — check a config, submit files, run the demo.
+
+Each subcommand is a small function over the same modules the services use;
+nothing here is a second implementation. Exit codes (also in ``--help``):
+
+    0  success
+    1  the thing checked or asked for failed (invalid config, a refused submit)
+    2  usage error (bad arguments)
+    3  the service could not be reached
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_UNREACHABLE = 3
+
+EPILOG = """exit status:
+  0  success
+  1  invalid config, or a file was refused
+  2  usage error
+  3  the submit service could not be reached
+"""
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    from dlogd import config
+
+    targets = [(path, "client") for path in args.client or []]
+    targets += [(path, "server") for path in args.server or []]
+    if not targets:
+        targets = [(p, r) for p, r in _default_configs() if os.path.exists(p)]
+        if not targets:
+            print("dlogctl: no config given and none installed", file=sys.stderr)
+            return EXIT_USAGE
+    status = EXIT_OK
+    dumped = []
+    for path, role in targets:
+        try:
+            checked = config.check(path, role)
+        except config.ConfigError as exc:
+            for problem in exc.problems:
+                print(problem, file=sys.stderr)
+            print(f"{path}: invalid {role} config ({len(exc.problems)} errors)", file=sys.stderr)
+            status = EXIT_FAILED
+            continue
+        for warning in checked.warnings:
+            print(warning, file=sys.stderr)
+        if args.write_cache:
+            config.refresh_cache(path, role, args.cache_dir)
+        if args.dump:
+            dumped.append(config.to_json(checked.config))
+        else:
+            print(f"{path}: valid {role} config")
+    if dumped:
+        json.dump(dumped[0] if len(dumped) == 1 else dumped, sys.stdout, indent=2)
+        print()
+    return status
+
+
+def _default_configs() -> list[tuple[str, str]]:
+    from dlogd.config import DEFAULT_CLIENT_CONFIG, DEFAULT_SERVER_CONFIG
+
+    return [(DEFAULT_CLIENT_CONFIG, "client"), (DEFAULT_SERVER_CONFIG, "server")]
+
+
+def _submit(args: argparse.Namespace) -> int:
+    from dlogd import client
+
+    status = EXIT_OK
+    for path in args.files:
+        try:
+            done = client.submit(path, args.keyword, socket_path=args.socket)
+        except client.SubmitError as exc:
+            print(f"{path}: refused: {exc}", file=sys.stderr)
+            status = EXIT_FAILED
+        except ConnectionError as exc:
+            print(f"{path}: cannot reach the submit service: {exc}", file=sys.stderr)
+            return EXIT_UNREACHABLE
+        except OSError as exc:
+            print(f"{path}: {exc}", file=sys.stderr)
+            status = EXIT_FAILED
+        else:
+            print(f"{path}: spooled as {done.entry} ({done.size} bytes)")
+    return status
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dlogctl",
+        description="Operate dlogd: check configs, submit files, run the demo.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    check = sub.add_parser(
+        "check-config",
+        help="validate client and/or server configs",
+        description="Parse and validate configs; report every error with file:line:column. "
+        "With no file, check the installed /etc/dlogd/client.conf and server.conf.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    check.add_argument("--client", action="append", metavar="FILE", help="a client config")
+    check.add_argument("--server", action="append", metavar="FILE", help="a collector config")
+    check.add_argument("--dump", action="store_true", help="print the normalised config as JSON")
+    check.add_argument(
+        "--write-cache",
+        action="store_true",
+        help="record the validated config so that services skip re-validation",
+    )
+    check.add_argument("--cache-dir", metavar="DIR", help="where the cache lives")
+    check.set_defaults(func=_check_config)
+
+    submit = sub.add_parser(
+        "submit",
+        help="hand files to the local submit service",
+        description="Submit finished files under a keyword; each is spooled or refused with a reason.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    submit.add_argument("--keyword", "-k", required=True, help="the keyword, e.g. audit")
+    submit.add_argument(
+        "--socket",
+        metavar="PATH",
+        help="submit socket (default: $DLOGD_SOCKET or /run/dlogd/submit.sock)",
+    )
+    submit.add_argument("files", nargs="+", metavar="FILE")
+    submit.set_defaults(func=_submit)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    status: int = args.func(args)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""The local submit protocol's bytes, without I/O (spec: docs/submit-protocol.md).
+
+Used by the client side (``client``) to build requests and read answers, and by
+the service (``submit``) to parse requests and build answers. Descriptor
+passing (SCM_RIGHTS) is the socket layer's job; this module sees only bytes.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import re
+import struct
+from dataclasses import dataclass
+
+REQUEST_MAGIC = b"DLS1"
+RESPONSE_MAGIC = b"DLR1"
+REQUEST_HEADER = struct.Struct(">4sHH")
+RESPONSE_HEADER = struct.Struct(">4sBBHQ")
+MAX_KEYWORD = 64
+MAX_PATH = 4096
+MAX_MESSAGE = 4096
+KEYWORD_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}\Z")
+
+
+class Code(enum.IntEnum):
+    OK = 0
+    BAD_REQUEST = 1
+    UNKNOWN_KEYWORD = 2
+    PERMISSION_DENIED = 3
+    NOT_REGULAR_FILE = 4
+    TOO_LARGE = 5
+    BAD_NAME = 6
+    TEMPORARY_FAILURE = 7
+    INTERNAL = 8
+
+    @property
+    def errno(self) -> int:
+        return _ERRNO[self]
+
+
+_ERRNO = {
+    Code.OK: 0,
+    Code.BAD_REQUEST: errno.EPROTO,
+    Code.UNKNOWN_KEYWORD: errno.ENOENT,
+    Code.PERMISSION_DENIED: errno.EACCES,
+    Code.NOT_REGULAR_FILE: errno.EINVAL,
+    Code.TOO_LARGE: errno.EFBIG,
+    Code.BAD_NAME: errno.EINVAL,
+    Code.TEMPORARY_FAILURE: errno.EAGAIN,
+    Code.INTERNAL: errno.EIO,
+}
+
+
+class WireError(ValueError):
+    """The peer sent bytes that are not this protocol."""
+
+
+@dataclass(frozen=True)
+class Request:
+    keyword: str
+    path: bytes
+
+    def __post_init__(self) -> None:
+        if not KEYWORD_RE.match(self.keyword):
+            raise WireError(f"keyword {self.keyword!r} is not 1-64 of [A-Za-z0-9_.-]")
+        if not 1 <= len(self.path) <= MAX_PATH or b"\0" in self.path:
+            raise WireError(f"path must be 1-{MAX_PATH} bytes without NUL")
+
+
+@dataclass(frozen=True)
+class Response:
+    code: Code
+    message: str
+    size: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.code is Code.OK
+
+
+def encode_request_header(request: Request) -> bytes:
+    """The fixed header: sent in the sendmsg() that carries the descriptor."""
+    return REQUEST_HEADER.pack(REQUEST_MAGIC, len(request.keyword), len(request.path))
+
+
+def encode_request_body(request: Request) -> bytes:
+    return request.keyword.encode("ascii") + request.path
+
+
+def parse_request_header(header: bytes) -> tuple[int, int]:
+    """Lengths of keyword and path, checked against the limits."""
+    magic, klen, plen = REQUEST_HEADER.unpack(header)
+    if magic != REQUEST_MAGIC:
+        raise WireError(f"bad request magic {magic!r}")
+    if not 1 <= klen <= MAX_KEYWORD:
+        raise WireError(f"keyword length {klen} outside 1-{MAX_KEYWORD}")
+    if not 1 <= plen <= MAX_PATH:
+        raise WireError(f"path length {plen} outside 1-{MAX_PATH}")
+    return klen, plen
+
+
+def parse_request_body(body: bytes, klen: int) -> Request:
+    try:
+        keyword = body[:klen].decode("ascii")
+    except UnicodeDecodeError:
+        raise WireError("keyword is not ASCII") from None
+    return Request(keyword, body[klen:])
+
+
+def encode_response(response: Response) -> bytes:
+    message = response.message.encode("utf-8", "replace")[:MAX_MESSAGE]
+    return RESPONSE_HEADER.pack(RESPONSE_MAGIC, response.code, 0, len(message), response.size) + (
+        message
+    )
+
+
+def parse_response_header(header: bytes) -> tuple[Code, int, int]:
+    """(code, message length, size) from the 16-byte header."""
+    magic, code, _reserved, mlen, size = RESPONSE_HEADER.unpack(header)
+    if magic != RESPONSE_MAGIC:
+        raise WireError(f"bad response magic {magic!r}")
+    try:
+        parsed = Code(code)
+    except ValueError:
+        raise WireError(f"unknown response code {code}") from None
+    if mlen > MAX_MESSAGE:
+        raise WireError(f"message length {mlen} over {MAX_MESSAGE}")
+    return parsed, mlen, size

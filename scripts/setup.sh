@@ -1,0 +1,33 @@
+#!/bin/sh
+# Set up a development/test environment: Debian packages, then a venv with dlogd
+# and its test extra. Idempotent; `make` calls it before anything else.
+set -eu
+cd "$(dirname "$0")/.."
+
+# libsystemd-dev + pkg-config: systemd-python builds from source.
+# systemd: systemd-socket-activate, systemd-analyze. systemd-container + iproute2:
+# the lab (systemd-nspawn, ip netns). gcc/make: libdlogd.so. rsync, socat,
+# openssh: benchmarks compare against them; the lab runs Ansible over SSH.
+PACKAGES="libsystemd-dev pkg-config systemd systemd-container iproute2 gcc make \
+python3-venv rsync socat openssh-client openssh-server acl util-linux"
+
+missing=""
+for p in $PACKAGES; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing="$missing $p"
+done
+if [ -n "$missing" ]; then
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "setup: missing Debian packages:$missing" >&2
+        echo "setup: run: sudo apt-get install$missing" >&2
+        exit 1
+    fi
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null
+fi
+
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    "$PYTHON" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip 2>/dev/null || true
+.venv/bin/python -m pip install -q -e '.[test]'
