@@ -1,0 +1,345 @@
+"""The collector's file system side: where received bytes become durable files.
+
+``receive`` drives it: an offer is checked against what is already here
+(identical file -> "already stored"; a partial upload -> "resume from N"),
+data is written under ``.dlogd-partial/`` in the target directory and hashed
+as it arrives, and :meth:`Store.commit` makes a batch durable before anyone
+acknowledges it:
+
+    write data -> fsync (syncfs for a batch) -> verify size and SHA-256
+    -> link into place without replacing -> fsync the directory -> ack
+
+So a reader of the directory never sees a partial file (invariant 2), and an
+acknowledged file survives a crash (invariant 1). A partial upload is keyed by
+its content (digest and size), so a resend after a crash resumes where the data
+stopped. A different file arriving under a taken name is kept as
+``<name>.conflict-<n>``, never overwriting. Directories are opened one component
+at a time with O_NOFOLLOW: a symlink anywhere on the path is refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import hashlib
+import os
+import re
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+PARTIAL_DIR = ".dlogd-partial"
+MAX_NAME = 240  # leaves room for ".conflict-1000" within NAME_MAX
+NAME_RE = re.compile(r"[A-Za-z0-9_+,=@%-][A-Za-z0-9._+,=@%-]{0,239}\Z")
+MAX_CONFLICTS = 1000
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_HASH_CHUNK = 1024 * 1024
+
+
+class StoreError(Exception):
+    """A file cannot be stored; ``temporary`` says whether a retry may succeed."""
+
+    def __init__(self, message: str, *, temporary: bool) -> None:
+        super().__init__(message)
+        self.temporary = temporary
+
+
+class BadName(StoreError):
+    def __init__(self, message: str) -> None:
+        super().__init__(message, temporary=False)
+
+
+class Mismatch(StoreError):
+    """The bytes received are not the file that was offered."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, temporary=False)
+
+
+def check_name(name: str) -> None:
+    """The sender never chooses a path: a plain basename of safe characters."""
+    if len(name.encode()) > MAX_NAME or not NAME_RE.match(name):
+        raise BadName(
+            f"file name {name!r} refused: expected 1-{MAX_NAME} of A-Z a-z 0-9 . _ + , = @ % -,"
+            " not starting with a dot"
+        )
+
+
+def open_directory(path: str, *, create: bool = True) -> int:
+    """Open ``path`` one component at a time, never following a symlink."""
+    if not path.startswith("/"):
+        raise StoreError(f"directory {path!r} is not absolute", temporary=False)
+    fd = os.open("/", _DIR_FLAGS)
+    try:
+        for part in [p for p in path.split("/") if p]:
+            if part in (".", ".."):
+                raise StoreError(f"directory {path!r} has a {part!r} component", temporary=False)
+            if create:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(part, 0o750, dir_fd=fd)
+            nxt = os.open(part, _DIR_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = nxt
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise StoreError(
+                f"{path}: a component is a symlink or not a directory", temporary=False
+            ) from None
+        raise StoreError(f"{path}: {exc.strerror}", temporary=_temporary(exc)) from None
+    except StoreError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _temporary(exc: OSError) -> bool:
+    return exc.errno in (
+        errno.ENOSPC,
+        errno.EDQUOT,
+        errno.EIO,
+        errno.EAGAIN,
+        errno.EMFILE,
+        errno.ENFILE,
+    )
+
+
+def hash_fd(fd: int, length: int) -> hashlib._Hash:
+    """SHA-256 of the first ``length`` bytes of ``fd``, read with pread."""
+    digest = hashlib.sha256()
+    offset = 0
+    while offset < length:
+        chunk = os.pread(fd, min(_HASH_CHUNK, length - offset), offset)
+        if not chunk:
+            break
+        digest.update(chunk)
+        offset += len(chunk)
+    return digest
+
+
+@dataclass(frozen=True)
+class Offered:
+    """What the store says to an offer."""
+
+    already_stored: str | None  # the existing file's name, when identical
+    offset: int  # bytes already held (resume); 0 for a fresh upload
+
+
+class Upload:
+    """One file being received into ``.dlogd-partial/<sha256>-<size>``."""
+
+    def __init__(self, store: Store, name: str, size: int, sha256: bytes, offset: int) -> None:
+        self.store = store
+        self.name = name
+        self.size = size
+        self.sha256 = sha256
+        self.partial = _partial_name(sha256, size)
+        self.fd = os.open(
+            self.partial,
+            os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+            0o640,
+            dir_fd=store.partial_fd,
+        )
+        try:
+            # Resume: the digest runs over the bytes we already hold.
+            self.digest = hash_fd(self.fd, offset)
+            os.ftruncate(self.fd, offset)
+        except BaseException:
+            os.close(self.fd)
+            raise
+        self.received = offset
+        self.stored_as: str | None = None
+
+    def write(self, data: bytes | memoryview) -> None:
+        if self.received + len(data) > self.size:
+            raise Mismatch(f"{self.name}: more bytes than the {self.size} announced")
+        self.digest.update(data)
+        try:
+            view = memoryview(data)
+            while view:
+                written = os.pwrite(self.fd, view, self.received)
+                self.received += written
+                view = view[written:]
+        except OSError as exc:
+            raise StoreError(f"{self.name}: {exc.strerror}", temporary=_temporary(exc)) from None
+
+    @property
+    def complete(self) -> bool:
+        return self.received == self.size
+
+    def verify(self) -> None:
+        """Size and digest, before anything becomes visible."""
+        if self.received != self.size:
+            self.discard()
+            raise Mismatch(f"{self.name}: {self.received} bytes received, {self.size} announced")
+        if self.digest.digest() != self.sha256:
+            self.discard()
+            raise Mismatch(f"{self.name}: SHA-256 of the data does not match the offer")
+
+    def discard(self) -> None:
+        self.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.partial, dir_fd=self.store.partial_fd)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _partial_name(sha256: bytes, size: int) -> str:
+    return f"{sha256.hex()}-{size}"
+
+
+class Store:
+    """One (keyword, sending host) directory on the collector."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        self.dir_fd = open_directory(directory)
+        try:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(PARTIAL_DIR, 0o700, dir_fd=self.dir_fd)
+            self.partial_fd = os.open(PARTIAL_DIR, _DIR_FLAGS, dir_fd=self.dir_fd)
+        except OSError as exc:
+            os.close(self.dir_fd)
+            raise StoreError(
+                f"{directory}/{PARTIAL_DIR}: {exc.strerror}", temporary=_temporary(exc)
+            ) from None
+        self.pending: list[Upload] = []
+
+    def close(self) -> None:
+        for upload in self.pending:
+            upload.close()
+        os.close(self.partial_fd)
+        os.close(self.dir_fd)
+
+    def offer(self, name: str, size: int, sha256: bytes) -> Offered:
+        """Is this file here already, partly here, or new?"""
+        check_name(name)
+        try:
+            identical = self._find_identical(name, size, sha256)
+            if identical is not None:
+                self._drop_partial(sha256, size)
+                return Offered(identical, 0)
+            return Offered(None, self._partial_size(sha256, size))
+        except OSError as exc:
+            raise StoreError(f"{name}: {exc.strerror}", temporary=_temporary(exc)) from None
+
+    def begin(self, name: str, size: int, sha256: bytes, offset: int) -> Upload:
+        try:
+            upload = Upload(self, name, size, sha256, offset)
+        except OSError as exc:
+            raise StoreError(f"{name}: {exc.strerror}", temporary=_temporary(exc)) from None
+        return upload
+
+    def finish(self, upload: Upload) -> None:
+        """Verify a complete upload and queue it for the next :meth:`commit`."""
+        upload.verify()
+        self.pending.append(upload)
+
+    def commit(self) -> list[Upload]:
+        """Make every queued upload durable and visible; returns them, each with ``stored_as``."""
+        if not self.pending:
+            return []
+        batch, self.pending = self.pending, []
+        try:
+            _flush([u.fd for u in batch])
+            for upload in batch:
+                upload.stored_as = self._link_into_place(upload)
+            os.fsync(self.dir_fd)
+        except OSError as exc:
+            for upload in batch:
+                upload.close()
+            raise StoreError(
+                f"{self.directory}: {exc.strerror}", temporary=_temporary(exc)
+            ) from None
+        for upload in batch:
+            upload.close()
+            self._drop_partial(upload.sha256, upload.size)
+        return batch
+
+    def _link_into_place(self, upload: Upload) -> str:
+        """Link under the offered name, or the first free conflict name; never replace."""
+        for candidate in _candidates(upload.name):
+            try:
+                os.link(
+                    upload.partial,
+                    candidate,
+                    src_dir_fd=self.partial_fd,
+                    dst_dir_fd=self.dir_fd,
+                    follow_symlinks=False,
+                )
+                return candidate
+            except FileExistsError:
+                if self._identical(candidate, upload.size, upload.sha256):
+                    return candidate  # a retry raced a lost ack: already there
+        raise StoreError(
+            f"{upload.name}: more than {MAX_CONFLICTS} different files under this name",
+            temporary=False,
+        )
+
+    def _find_identical(self, name: str, size: int, sha256: bytes) -> str | None:
+        for candidate in _candidates(name):
+            try:
+                st = os.stat(candidate, dir_fd=self.dir_fd, follow_symlinks=False)
+            except FileNotFoundError:
+                return None  # the first free name ends the chain
+            if (
+                stat.S_ISREG(st.st_mode)
+                and st.st_size == size
+                and self._identical(candidate, size, sha256)
+            ):
+                return candidate
+        return None
+
+    def _identical(self, name: str, size: int, sha256: bytes) -> bool:
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.dir_fd)
+        except OSError:
+            return False
+        try:
+            st = os.fstat(fd)
+            return (
+                stat.S_ISREG(st.st_mode)
+                and st.st_size == size
+                and hash_fd(fd, size).digest() == sha256
+            )
+        finally:
+            os.close(fd)
+
+    def _partial_size(self, sha256: bytes, size: int) -> int:
+        try:
+            st = os.stat(_partial_name(sha256, size), dir_fd=self.partial_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return 0
+        if not stat.S_ISREG(st.st_mode) or st.st_size > size:
+            self._drop_partial(sha256, size)
+            return 0
+        return st.st_size
+
+    def _drop_partial(self, sha256: bytes, size: int) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(_partial_name(sha256, size), dir_fd=self.partial_fd)
+
+
+def _candidates(name: str) -> Iterator[str]:
+    yield name
+    for n in range(1, MAX_CONFLICTS + 1):
+        yield f"{name}.conflict-{n}"
+
+
+def _flush(fds: list[int]) -> None:
+    """Make file data durable: one syncfs for a batch, fsync for a single file."""
+    if len(fds) > 1 and _syncfs(fds[0]):
+        return
+    for fd in fds:
+        os.fsync(fd)
+
+
+def _syncfs(fd: int) -> bool:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.syncfs(fd) == 0:
+        return True
+    raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
