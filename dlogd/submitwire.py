@@ -74,6 +74,10 @@ class Response:
     message: str
     size: int = 0
 
+    def __post_init__(self) -> None:
+        if self.code is not Code.OK and self.size:
+            raise WireError("a refusal carries no size")
+
     @property
     def ok(self) -> bool:
         return self.code is Code.OK
@@ -90,6 +94,8 @@ def encode_request_body(request: Request) -> bytes:
 
 def parse_request_header(header: bytes) -> tuple[int, int]:
     """Lengths of keyword and path, checked against the limits."""
+    if len(header) != REQUEST_HEADER.size:
+        raise WireError(f"request header of {len(header)} bytes, expected {REQUEST_HEADER.size}")
     magic, klen, plen = REQUEST_HEADER.unpack(header)
     if magic != REQUEST_MAGIC:
         raise WireError(f"bad request magic {magic!r}")
@@ -109,7 +115,12 @@ def parse_request_body(body: bytes, klen: int) -> Request:
 
 
 def encode_response(response: Response) -> bytes:
-    message = response.message.encode("utf-8", "replace")[:MAX_MESSAGE]
+    # Cut at a character boundary: the message is UTF-8 on the wire.
+    message = (
+        response.message.encode("utf-8", "replace")[:MAX_MESSAGE]
+        .decode("utf-8", "ignore")
+        .encode("utf-8")
+    )
     return RESPONSE_HEADER.pack(RESPONSE_MAGIC, response.code, 0, len(message), response.size) + (
         message
     )
@@ -117,13 +128,19 @@ def encode_response(response: Response) -> bytes:
 
 def parse_response_header(header: bytes) -> tuple[Code, int, int]:
     """(code, message length, size) from the 16-byte header."""
-    magic, code, _reserved, mlen, size = RESPONSE_HEADER.unpack(header)
+    if len(header) != RESPONSE_HEADER.size:
+        raise WireError(f"response header of {len(header)} bytes, expected {RESPONSE_HEADER.size}")
+    magic, code, reserved, mlen, size = RESPONSE_HEADER.unpack(header)
     if magic != RESPONSE_MAGIC:
         raise WireError(f"bad response magic {magic!r}")
+    if reserved != 0:
+        raise WireError(f"reserved response byte is {reserved}, expected 0")
     try:
         parsed = Code(code)
     except ValueError:
         raise WireError(f"unknown response code {code}") from None
     if mlen > MAX_MESSAGE:
         raise WireError(f"message length {mlen} over {MAX_MESSAGE}")
+    if parsed is not Code.OK and size:
+        raise WireError("a refusal carries no size")
     return parsed, mlen, size
