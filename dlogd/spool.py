@@ -1,0 +1,607 @@
+"""The on-disk spool between the submit service (adds) and the shipper (drains).
+
+Layout under the root (default /var/spool/dlogd; docs/spool.md has the why)::
+
+    <root>/<keyword>/<entry>               the file: hard link to the caller's inode, or a copy
+    <root>/<keyword>/.owed/<entry>/<host>  one empty marker per destination still owed a copy
+    <root>/<keyword>/.owed/.new-*          marker sets being built (renamed into place)
+    <root>/<keyword>/.tmp/                 copies being written (O_TMPFILE, else temp names)
+    <root>/.retry/                         reserved for the shipper's backoff state
+
+Order of an add: markers built and fsynced under a temporary name, renamed to
+``.owed/<entry>`` (which also claims the entry name), ``.owed`` fsynced, then the
+entry linked into place. The keyword directory is fsynced by :meth:`Spool.commit`
+so that a batch pays for one flush. A crash therefore leaves at worst an owed
+directory without an entry (removed by :meth:`Spool.cleanup`), never an entry that
+nobody ships, never a half-written one.
+
+Every access goes through directory descriptors opened with O_NOFOLLOW: the
+spool tree is never resolved through a symlink, even one planted inside it.
+A :class:`Spool` object is not thread-safe; use one per thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import re
+import stat
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+from dlogd import journal
+from dlogd.submitwire import KEYWORD_RE
+
+MAX_BASENAME = 180
+_SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._+,=@-")
+_ENCODED_RE = re.compile(r"[A-Za-z0-9_+,=@%-][A-Za-z0-9._+,=@%-]{0,179}\Z")
+_HOST_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:-]{0,252}\Z")
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_OWED = ".owed"
+_TMP = ".tmp"
+_NEW_PREFIX = ".new-"
+_MAX_COLLISIONS = 100_000
+_COPY_CHUNK = 64 * 1024 * 1024
+# Link failures that a copy can work around: other file system, protected_hardlinks
+# without CAP_FOWNER, a file already deleted (nlink 0), too many links.
+_LINK_FALLBACK = frozenset({errno.EXDEV, errno.EPERM, errno.ENOENT, errno.EMLINK})
+
+
+class BadName(ValueError):
+    """The caller's path has no basename usable as a spool entry name."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One spooled file and the hosts that still have to receive it."""
+
+    keyword: str
+    name: str
+    owed: frozenset[str]
+    size: int
+
+
+@dataclass(frozen=True)
+class Added:
+    """Result of :meth:`Spool.add`: the entry name, bytes spooled, and how."""
+
+    keyword: str
+    name: str
+    size: int
+    copied: bool
+
+    @property
+    def path(self) -> str:
+        return f"{self.keyword}/{self.name}"
+
+
+def entry_basename(path: bytes) -> str:
+    """The caller's basename, encoded so that it is a safe file name anywhere.
+
+    Bytes in ``[A-Za-z0-9._+,=@-]`` are kept, every other byte becomes ``%XX``,
+    a leading ``.`` becomes ``%2E``; the result is cut to 180 bytes without
+    splitting an escape. Raises :class:`BadName` for an empty, ``.`` or ``..`` name.
+    """
+    base = path.rstrip(b"/").rpartition(b"/")[2]
+    if base in (b"", b".", b".."):
+        raise BadName(f"path {path[:200]!r} has no usable basename")
+    parts = [chr(b) if b in _SAFE else f"%{b:02X}" for b in base]
+    if base.startswith(b"."):
+        parts[0] = "%2E"
+    out: list[str] = []
+    length = 0
+    for part in parts:
+        if length + len(part) > MAX_BASENAME:
+            break
+        out.append(part)
+        length += len(part)
+    return "".join(out)
+
+
+def _check_name(kind: str, value: str, pattern: re.Pattern[str]) -> None:
+    if not pattern.match(value):
+        raise ValueError(f"{kind} {value!r} is not a safe spool name")
+
+
+class _KeywordDir:
+    """Descriptors for one keyword's directory and its two hidden subdirectories."""
+
+    def __init__(self, root_fd: int, keyword: str) -> None:
+        self.fd = _open_dir(root_fd, keyword)
+        try:
+            self.owed = _open_dir(self.fd, _OWED)
+            self.tmp = _open_dir(self.fd, _TMP)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        for name in ("tmp", "owed", "fd"):
+            fd = getattr(self, name, -1)
+            if fd >= 0:
+                os.close(fd)
+                setattr(self, name, -1)
+
+
+def _open_dir(parent_fd: int, name: str) -> int:
+    """Open a child directory without following a symlink, creating it (0700) if absent."""
+    try:
+        return os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
+    except FileNotFoundError:
+        pass
+    with contextlib.suppress(FileExistsError):  # a concurrent submit made it
+        os.mkdir(name, 0o700, dir_fd=parent_fd)
+    fd = os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
+    os.fsync(parent_fd)  # once per new directory: its name must survive before entries do
+    return fd
+
+
+class Spool:
+    """The spool tree, opened once by root directory descriptor."""
+
+    use_o_tmpfile = True  # tests switch this off to cover the temp-name path
+
+    def __init__(self, root: str, *, create: bool = False) -> None:
+        if create:
+            os.makedirs(root, 0o700, exist_ok=True)
+        self.root = root
+        self.root_fd = os.open(root, _DIR_FLAGS)
+        self._dirs: dict[str, _KeywordDir] = {}
+        self._touched: dict[int, None] = {}  # ordered set of dir fds awaiting fsync
+
+    def close(self) -> None:
+        for kdir in self._dirs.values():
+            kdir.close()
+        self._dirs.clear()
+        if self.root_fd >= 0:
+            os.close(self.root_fd)
+            self.root_fd = -1
+
+    def __enter__(self) -> Spool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _keyword(self, keyword: str) -> _KeywordDir:
+        # Always create: a crash may have left a keyword dir without .owed or .tmp.
+        kdir = self._dirs.get(keyword)
+        if kdir is None:
+            _check_name("keyword", keyword, KEYWORD_RE)
+            kdir = self._dirs[keyword] = _KeywordDir(self.root_fd, keyword)
+        return kdir
+
+    # -- adding (the submit service) ---------------------------------------------
+
+    def add(
+        self,
+        keyword: str,
+        source_fd: int,
+        basename: str,
+        hosts: Sequence[str],
+        *,
+        copy: bool = False,
+        now: float | None = None,
+    ) -> Added:
+        """Spool the open file ``source_fd`` for ``hosts``; durable after :meth:`commit`.
+
+        ``basename`` comes from :func:`entry_basename`. The file is hard-linked
+        unless ``copy`` is set or linking is impossible (other file system,
+        protected_hardlinks, deleted file), in which case the descriptor's bytes
+        are copied (``st_size`` at the time of the call, constant memory).
+        """
+        _check_name("entry basename", basename, _ENCODED_RE)
+        if not hosts:
+            raise ValueError(f"keyword {keyword!r} names no destination host")
+        for host in hosts:
+            _check_name("host", host, _HOST_RE)
+        kdir = self._keyword(keyword)
+        lock_fd = self._lock(fcntl.LOCK_SH)
+        try:
+            return self._add_locked(kdir, keyword, source_fd, basename, hosts, copy, now)
+        finally:
+            os.close(lock_fd)
+
+    def _add_locked(
+        self,
+        kdir: _KeywordDir,
+        keyword: str,
+        source_fd: int,
+        basename: str,
+        hosts: Sequence[str],
+        copy: bool,
+        now: float | None,
+    ) -> Added:
+        st = os.fstat(source_fd)
+        tmp: _TempCopy | None = None
+        if copy or st.st_dev != os.fstat(kdir.fd).st_dev:
+            tmp = self._copy(kdir, source_fd, st.st_size)
+        else:
+            _fsync_source(source_fd)
+        try:
+            name = self._claim(kdir, basename, hosts, int(time.time() if now is None else now))
+            crash_point("after-owed")
+            try:
+                if tmp is None:
+                    tmp = self._link_or_copy(kdir, source_fd, st.st_size, name)
+                else:
+                    _link_fd(tmp.fd, kdir.fd, name)
+            except BaseException:
+                _remove_owed(kdir, name)
+                raise
+        finally:
+            if tmp is not None:
+                tmp.discard(kdir)
+        crash_point("after-link")
+        self._touched[kdir.fd] = None
+        size = tmp.size if tmp is not None else st.st_size
+        return Added(keyword, name, size, copied=tmp is not None)
+
+    def _link_or_copy(
+        self, kdir: _KeywordDir, source_fd: int, size: int, name: str
+    ) -> _TempCopy | None:
+        try:
+            _link_fd(source_fd, kdir.fd, name)
+            return None
+        except OSError as e:
+            if e.errno not in _LINK_FALLBACK:
+                raise
+        tmp = self._copy(kdir, source_fd, size)
+        try:
+            _link_fd(tmp.fd, kdir.fd, name)
+        except BaseException:
+            tmp.discard(kdir)
+            raise
+        return tmp
+
+    def _claim(self, kdir: _KeywordDir, basename: str, hosts: Sequence[str], now: int) -> str:
+        """Build the owed markers, then rename them to the first free entry name."""
+        new = f"{_NEW_PREFIX}{os.getpid()}-{time.monotonic_ns()}"
+        os.mkdir(new, 0o700, dir_fd=kdir.owed)
+        try:
+            fd = os.open(new, _DIR_FLAGS, dir_fd=kdir.owed)
+            try:
+                for host in dict.fromkeys(hosts):
+                    _create_empty(host, fd)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            name = self._rename_to_free_name(kdir, new, basename, now)
+        except BaseException:
+            _remove_tree(kdir.owed, new)
+            raise
+        os.fsync(kdir.owed)
+        return name
+
+    def _rename_to_free_name(self, kdir: _KeywordDir, new: str, basename: str, now: int) -> str:
+        for n in range(_MAX_COLLISIONS):
+            name = f"{now}.{basename}" if n == 0 else f"{now}-{n}.{basename}"
+            if _exists(kdir.fd, name):
+                continue
+            try:
+                # Our marker dir is never empty, so rename onto a live (non-empty)
+                # owed dir fails: that is the no-replace claim of the entry name.
+                os.rename(new, name, src_dir_fd=kdir.owed, dst_dir_fd=kdir.owed)
+            except OSError as e:
+                if e.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
+                    continue
+                raise
+            return name
+        raise OSError(errno.EEXIST, f"no free entry name for {basename!r} at {now}")
+
+    def _copy(self, kdir: _KeywordDir, source_fd: int, size: int) -> _TempCopy:
+        tmp = _TempCopy.create(kdir, self.use_o_tmpfile)
+        try:
+            tmp.size = _copy_bytes(source_fd, tmp.fd, size)
+            os.fsync(tmp.fd)
+        except BaseException:
+            tmp.discard(kdir)
+            raise
+        return tmp
+
+    def commit(self) -> None:
+        """Make every add and acknowledge since the last commit durable."""
+        while self._touched:
+            fd = next(iter(self._touched))
+            os.fsync(fd)
+            del self._touched[fd]
+
+    def _lock(self, how: int) -> int:
+        # A fresh open file description per lock, so that two Spool objects in
+        # one process exclude each other as two processes would.
+        fd = os.open(".", _DIR_FLAGS, dir_fd=self.root_fd)
+        try:
+            fcntl.flock(fd, how)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    # -- draining (the shipper) --------------------------------------------------
+
+    def keywords(self) -> list[str]:
+        """Keyword directories present in the spool (symlinks and odd names skipped)."""
+        return sorted(
+            name
+            for name, mode in _list(self.root_fd)
+            if stat.S_ISDIR(mode) and KEYWORD_RE.match(name)
+        )
+
+    def pending(self, hosts: Mapping[str, Sequence[str]] | None = None) -> Iterator[Entry]:
+        """Every entry still owed to at least one host, oldest name first per keyword.
+
+        ``hosts`` (keyword -> the config's current hosts) is used only for an entry
+        whose owed directory is missing: it gets markers for all of them (at
+        least once) and a warning. Without it such an entry is skipped, kept.
+        """
+        for keyword in self.keywords():
+            kdir = self._keyword(keyword)
+            for name, mode in _list(kdir.fd):
+                if name.startswith("."):
+                    continue
+                if not stat.S_ISREG(mode):
+                    _warn("not a regular file, skipped", keyword, name)
+                    continue
+                owed = self._owed(kdir, keyword, name, (hosts or {}).get(keyword, ()))
+                if owed:
+                    size = os.stat(name, dir_fd=kdir.fd, follow_symlinks=False).st_size
+                    yield Entry(keyword, name, owed, size)
+
+    def _owed(
+        self, kdir: _KeywordDir, keyword: str, name: str, fallback: Sequence[str]
+    ) -> frozenset[str]:
+        try:
+            fd = os.open(name, _DIR_FLAGS, dir_fd=kdir.owed)
+        except FileNotFoundError:
+            return self._repair_owed(kdir, keyword, name, fallback)
+        except OSError as e:
+            if e.errno not in (errno.ELOOP, errno.ENOTDIR):
+                raise
+            _warn("owed entry is not a directory, skipped", keyword, name)
+            return frozenset()
+        try:
+            return frozenset(n for n, mode in _list(fd) if stat.S_ISREG(mode))
+        finally:
+            os.close(fd)
+
+    def _repair_owed(
+        self, kdir: _KeywordDir, keyword: str, name: str, fallback: Sequence[str]
+    ) -> frozenset[str]:
+        if not fallback:
+            _warn("entry has no owed markers and no configured hosts, kept", keyword, name)
+            return frozenset()
+        _warn("entry had no owed markers, owed to every configured host", keyword, name)
+        os.mkdir(name, 0o700, dir_fd=kdir.owed)
+        fd = os.open(name, _DIR_FLAGS, dir_fd=kdir.owed)
+        try:
+            for host in dict.fromkeys(fallback):
+                _create_empty(host, fd)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.fsync(kdir.owed)
+        return frozenset(fallback)
+
+    def open_entry(self, entry: Entry) -> int:
+        """A read-only descriptor on the entry's file (never through a symlink)."""
+        kdir = self._keyword(entry.keyword)
+        fd = os.open(entry.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=kdir.fd)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise OSError(errno.EINVAL, f"spool entry {entry.keyword}/{entry.name} is not a file")
+        return fd
+
+    def acknowledge(self, entry: Entry, host: str) -> None:
+        """``host`` has the entry durably: drop its marker, and the entry once none remain.
+
+        Durable at the next :meth:`commit`; a crash before it means at worst a
+        re-send, which the collector recognises. The entry is unlinked before its
+        owed directory, so no crash leaves an entry that looks owed to nobody.
+        """
+        _check_name("host", host, _HOST_RE)
+        kdir = self._keyword(entry.keyword)
+        try:
+            fd = os.open(entry.name, _DIR_FLAGS, dir_fd=kdir.owed)
+        except FileNotFoundError:
+            return  # already fully acknowledged
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(host, dir_fd=fd)
+            self._touched[kdir.owed] = None
+            remaining = os.listdir(fd)
+        finally:
+            os.close(fd)
+        if not remaining:
+            self._finish(kdir, entry.name)
+
+    def _finish(self, kdir: _KeywordDir, name: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(name, dir_fd=kdir.fd)
+        os.fsync(kdir.fd)  # the entry must be gone before its markers are
+        try:
+            os.rmdir(name, dir_fd=kdir.owed)
+        except OSError as e:
+            # ENOTEMPTY: a new submit in the same second reused the name meanwhile.
+            if e.errno not in (errno.ENOENT, errno.ENOTEMPTY, errno.EEXIST):
+                raise
+        self._touched[kdir.owed] = None
+
+    def cleanup(self) -> int:
+        """Remove what crashes leave behind; returns how many items were removed.
+
+        Orphan owed directories (no entry), unfinished marker sets, stale copy
+        temp files, and entries whose markers are all gone. Takes the spool lock
+        exclusively, so no add is in flight while it decides what is an orphan.
+        """
+        lock_fd = self._lock(fcntl.LOCK_EX)
+        try:
+            removed = sum(self._cleanup_keyword(self._keyword(k)) for k in self.keywords())
+            self.commit()
+        finally:
+            os.close(lock_fd)
+        return removed
+
+    def _cleanup_keyword(self, kdir: _KeywordDir) -> int:
+        removed = 0
+        entries = {name for name, _mode in _list(kdir.fd) if not name.startswith(".")}
+        for name, mode in _list(kdir.owed):
+            if not stat.S_ISDIR(mode):
+                continue
+            if name.startswith(_NEW_PREFIX) or name not in entries:
+                _remove_tree(kdir.owed, name)
+                removed += 1
+            elif not _has_entries(kdir.owed, name):
+                self._finish(kdir, name)
+                removed += 1
+        for name, mode in _list(kdir.tmp):
+            if stat.S_ISREG(mode):
+                os.unlink(name, dir_fd=kdir.tmp)
+                removed += 1
+        if removed:
+            self._touched[kdir.owed] = None
+            self._touched[kdir.tmp] = None
+        return removed
+
+
+class _TempCopy:
+    """A copy being written under .tmp: anonymous (O_TMPFILE) or a temp name."""
+
+    def __init__(self, fd: int, name: str | None) -> None:
+        self.fd = fd
+        self.name = name
+        self.size = 0
+
+    @classmethod
+    def create(cls, kdir: _KeywordDir, use_o_tmpfile: bool) -> _TempCopy:
+        flags = os.O_WRONLY | os.O_CLOEXEC
+        if use_o_tmpfile:
+            try:
+                return cls(os.open(".", flags | os.O_TMPFILE, 0o600, dir_fd=kdir.tmp), None)
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                    raise
+        name = f"{os.getpid()}-{time.monotonic_ns()}"
+        flags |= os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+        return cls(os.open(name, flags, 0o600, dir_fd=kdir.tmp), name)
+
+    def discard(self, kdir: _KeywordDir) -> None:
+        """Close, and drop the temp name (the entry's link, if made, keeps the data)."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        if self.name is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.name, dir_fd=kdir.tmp)
+            self.name = None
+
+
+def _link_fd(fd: int, dir_fd: int, name: str) -> None:
+    # linkat via /proc/self/fd needs at most CAP_FOWNER (protected_hardlinks);
+    # AT_EMPTY_PATH would need CAP_DAC_READ_SEARCH, i.e. read access to every file.
+    os.link(f"/proc/self/fd/{fd}", name, dst_dir_fd=dir_fd, follow_symlinks=True)
+
+
+def _copy_bytes(src: int, dst: int, size: int) -> int:
+    """Copy the first ``size`` bytes by offset (the caller's file offset is untouched)."""
+    offset = 0
+    use_cfr = True
+    while offset < size:
+        count = min(_COPY_CHUNK, size - offset)
+        if use_cfr:
+            try:
+                n = os.copy_file_range(src, dst, count, offset, offset)
+            except OSError as e:
+                if e.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                    raise
+                use_cfr = False
+                continue
+        else:
+            os.lseek(dst, offset, os.SEEK_SET)
+            n = os.sendfile(dst, src, offset, count)
+        if n == 0:
+            break  # the file shrank meanwhile: spool what there is
+        offset += n
+    return offset
+
+
+def _fsync_source(fd: int) -> None:
+    # The linked inode's data must be durable before we say OK; a read-only
+    # descriptor can be fsynced on Linux. EINVAL/EROFS: nothing to flush there.
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.EROFS):
+            raise
+
+
+def _create_empty(name: str, dir_fd: int) -> None:
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    os.close(os.open(name, flags, 0o600, dir_fd=dir_fd))
+
+
+def _exists(dir_fd: int, name: str) -> bool:
+    try:
+        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _list(dir_fd: int) -> list[tuple[str, int]]:
+    """(name, lstat mode) of a directory's children, sorted by name."""
+    out: list[tuple[str, int]] = []
+    for name in sorted(os.listdir(dir_fd)):
+        try:
+            out.append((name, os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode))
+        except FileNotFoundError:
+            continue
+    return out
+
+
+def _has_entries(parent_fd: int, name: str) -> bool:
+    fd = os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
+    try:
+        return bool(os.listdir(fd))
+    finally:
+        os.close(fd)
+
+
+def _remove_tree(parent_fd: int, name: str) -> None:
+    """Remove a marker directory (one level of plain files; nothing is followed)."""
+    try:
+        fd = os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
+    except FileNotFoundError:
+        return
+    try:
+        for child in os.listdir(fd):
+            os.unlink(child, dir_fd=fd)
+    finally:
+        os.close(fd)
+    os.rmdir(name, dir_fd=parent_fd)
+
+
+def _remove_owed(kdir: _KeywordDir, name: str) -> None:
+    # On failure cleanup() takes it: an owed dir without entry is an orphan.
+    with contextlib.suppress(OSError):
+        _remove_tree(kdir.owed, name)
+
+
+def _warn(what: str, keyword: str, name: str) -> None:
+    journal.send(
+        f"spool: {what}",
+        message_id=journal.SPOOL_WARNING,
+        priority=4,
+        keyword=keyword,
+        entry=name,
+    )
+
+
+def crash_point(point: str) -> None:
+    """Fault-test hook: DLOGD_TEST_CRASH_AT=<point> kills the process right here."""
+    if os.environ.get("DLOGD_TEST_CRASH_AT") == point:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -1,0 +1,489 @@
+"""The submit service: one socket-activated instance per connection (``dlogd-submit@``).
+
+Flow: an application's ``dlogd.client.submit()`` connects to /run/dlogd/submit.sock;
+systemd (``Accept=yes``) starts this program with the connection on fd 3. For each
+request (docs/submit-protocol.md) it checks the caller's credentials against the
+keyword, checks the descriptor it was handed, adds the file to the spool
+(``dlogd.spool``), makes the batch durable, then answers. The shipper takes it
+from there.
+
+Modes, as systemd-coredump: LISTEN_FDS=1 serves that one connection and exits;
+no LISTEN_FDS and ``--listen PATH`` runs a development accept loop; anything
+else is an error. This process starts per connection, so imports stay lean:
+no schema, no TLS, no ``systemd.journal`` on this path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import fcntl
+import grp
+import os
+import socket
+import stat
+import struct
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from dlogd import journal, submitwire
+from dlogd.config import DEFAULT_CLIENT_CONFIG, ClientConfig, ClientKeyword, Limits
+from dlogd.spool import Added, BadName, Spool, crash_point, entry_basename
+from dlogd.submitwire import Code, Request, Response, WireError
+
+SD_LISTEN_FDS_START = 3
+MAX_FDS_PER_MESSAGE = 16  # room to notice (and close) extra descriptors
+SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
+_UCRED = struct.Struct("iII")
+_GID = struct.Struct("I")
+_MAX_GROUPS = 65536
+# Spool failures a later retry may cure; anything else is INTERNAL.
+_TEMPORARY = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EAGAIN, errno.EMFILE})
+
+
+class BadRequest(Exception):
+    """The stream is not the protocol any more: answer BAD_REQUEST and hang up."""
+
+
+class Disconnected(Exception):
+    """The client went away (or stalled past the timeout) in the middle of a request."""
+
+
+@dataclass(frozen=True)
+class Peer:
+    """Who is on the other end, from the kernel (SO_PEERCRED, SO_PEERGROUPS)."""
+
+    pid: int
+    uid: int
+    gid: int
+    groups: frozenset[int]
+
+
+@dataclass
+class Authorizer:
+    """Keyword access for one peer; group names resolved once per connection."""
+
+    peer: Peer
+    _gids: dict[str, int | None] = field(default_factory=dict)
+
+    def allows(self, keyword: ClientKeyword) -> bool:
+        if self.peer.uid in keyword.uids:
+            return True
+        caller = self.peer.groups | {self.peer.gid}
+        return any(self._gid(name) in caller for name in keyword.groups)
+
+    def _gid(self, name: str) -> int | None:
+        if name not in self._gids:
+            try:
+                self._gids[name] = grp.getgrnam(name).gr_gid
+            except KeyError:
+                self._gids[name] = None  # an unknown group matches nobody
+        return self._gids[name]
+
+
+@dataclass
+class Received:
+    """One request off the wire, owning the descriptor that came with it."""
+
+    request: Request
+    fd: int
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+@dataclass
+class Outcome:
+    request: Request
+    response: Response
+    added: Added | None = None
+
+
+# -- the socket layer --------------------------------------------------------------
+
+
+def peer_of(sock: socket.socket) -> Peer:
+    pid, uid, gid = _UCRED.unpack(
+        sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    )
+    return Peer(pid, uid, gid, _peer_groups(sock))
+
+
+def _peer_groups(sock: socket.socket) -> frozenset[int]:
+    size = 64 * _GID.size
+    while True:
+        try:
+            raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, size)
+        except OSError as e:
+            if e.errno != errno.ERANGE or size >= _MAX_GROUPS * _GID.size:
+                raise
+            size *= 4
+            continue
+        return frozenset(g for (g,) in _GID.iter_unpack(raw[: len(raw) - len(raw) % _GID.size]))
+
+
+class Stream:
+    """Reads exact byte counts with descriptors attached, under one deadline per request."""
+
+    def __init__(self, sock: socket.socket, timeout: float) -> None:
+        self.sock = sock
+        self.timeout = timeout
+        self.deadline = 0.0
+
+    def start_request(self) -> None:
+        self.deadline = time.monotonic() + self.timeout
+
+    def read(self, count: int, fds: list[int]) -> bytes:
+        """Up to ``count`` bytes (fewer only at end of stream); descriptors go to ``fds``."""
+        data = bytearray()
+        space = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * 4)
+        while len(data) < count:
+            remaining = self.deadline - time.monotonic()
+            if remaining <= 0:
+                raise Disconnected("timed out")
+            self.sock.settimeout(remaining)
+            try:
+                chunk, anc, flags, _ = self.sock.recvmsg(
+                    count - len(data), space, socket.MSG_CMSG_CLOEXEC
+                )
+            except TimeoutError:
+                raise Disconnected("timed out") from None
+            except (ConnectionResetError, BrokenPipeError):
+                raise Disconnected("connection reset") from None
+            fds.extend(_fds_in(anc))
+            if flags & socket.MSG_CTRUNC:
+                raise BadRequest("too many descriptors (control message truncated)")
+            if not chunk:
+                break
+            data += chunk
+        return bytes(data)
+
+    def more_waiting(self) -> bool:
+        """A next request (or end of stream) is already readable: part of this batch."""
+        self.sock.settimeout(0.0)  # with a timeout set, Python would poll before peeking
+        try:
+            return bool(self.sock.recv(1, socket.MSG_PEEK))
+        except OSError:  # BlockingIOError: nothing yet; others surface on the next read
+            return False
+
+    def send(self, data: bytes) -> None:
+        self.sock.settimeout(self.timeout)
+        self.sock.sendall(data)
+
+
+def _fds_in(ancillary: list[tuple[int, int, bytes]]) -> Iterator[int]:
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            usable = len(data) - len(data) % 4
+            yield from (int.from_bytes(data[i : i + 4], sys.byteorder) for i in range(0, usable, 4))
+
+
+def read_request(stream: Stream) -> Received | None:
+    """The next request, None at a clean end of stream. Closes stray fds on every path."""
+    fds: list[int] = []
+    try:
+        stream.start_request()
+        header = stream.read(submitwire.REQUEST_HEADER.size, fds)
+        if not header and not fds:
+            return None
+        if len(header) < submitwire.REQUEST_HEADER.size:
+            raise Disconnected("end of stream inside a request header")
+        header_fds = len(fds)
+        klen, plen = submitwire.parse_request_header(header)
+        body = stream.read(klen + plen, fds)
+        if len(body) < klen + plen:
+            raise Disconnected("end of stream inside a request")
+        if header_fds != 1 or len(fds) != 1:
+            raise BadRequest(f"expected one descriptor with the header, got {len(fds)}")
+        received = Received(submitwire.parse_request_body(body, klen), fds.pop())
+    except WireError as e:
+        raise BadRequest(str(e)) from None
+    finally:
+        for fd in fds:
+            os.close(fd)
+    return received
+
+
+# -- one request -------------------------------------------------------------------
+
+
+class Refused(Exception):
+    def __init__(self, code: Code, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class Handler:
+    """Checks and spools requests for one connection's peer."""
+
+    def __init__(self, config: ClientConfig, spool: Spool, peer: Peer) -> None:
+        self.config = config
+        self.spool = spool
+        self.auth = Authorizer(peer)
+
+    def handle(self, received: Received) -> Outcome:
+        request = received.request
+        try:
+            added = self._spool(request, received.fd)
+        except Refused as e:
+            return Outcome(request, Response(e.code, str(e)))
+        return Outcome(request, Response(Code.OK, added.path, added.size), added)
+
+    def _spool(self, request: Request, fd: int) -> Added:
+        keyword = self.config.keywords.get(request.keyword)
+        if keyword is None:
+            raise Refused(Code.UNKNOWN_KEYWORD, f"no keyword {request.keyword!r} configured")
+        if not self.auth.allows(keyword):
+            raise Refused(Code.PERMISSION_DENIED, f"not allowed to submit to {keyword.name!r}")
+        size = _check_descriptor(fd, self.config.limits)
+        try:
+            basename = entry_basename(request.path)
+        except BadName as e:
+            raise Refused(Code.BAD_NAME, str(e)) from None
+        try:
+            return self.spool.add(keyword.name, fd, basename, keyword.hosts, copy=keyword.copy)
+        except OSError as e:
+            raise _spool_failure(e, size) from None
+        except ValueError as e:
+            raise Refused(Code.INTERNAL, f"bad configuration: {e}") from None
+
+
+def _check_descriptor(fd: int, limits: Limits) -> int:
+    """Only a regular file the caller opened for reading, within the size limit."""
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    # An O_PATH or write-only descriptor proves no right to read the file.
+    if flags & os.O_PATH or flags & os.O_ACCMODE == os.O_WRONLY:
+        raise Refused(Code.PERMISSION_DENIED, "descriptor is not open for reading")
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        raise Refused(Code.NOT_REGULAR_FILE, f"not a regular file (mode {st.st_mode:o})")
+    if st.st_size > limits.max_file_size:
+        raise Refused(
+            Code.TOO_LARGE, f"{st.st_size} bytes is over the limit of {limits.max_file_size}"
+        )
+    return st.st_size
+
+
+def _spool_failure(e: OSError, size: int) -> Refused:
+    reason = f"spooling {size} bytes failed: {os.strerror(e.errno or 0)}"
+    code = Code.TEMPORARY_FAILURE if e.errno in _TEMPORARY else Code.INTERNAL
+    return Refused(code, reason)
+
+
+# -- one connection ----------------------------------------------------------------
+
+
+def serve_connection(
+    sock: socket.socket, config: ClientConfig | None, config_error: str = ""
+) -> None:
+    """Answer every request on ``sock`` until end of stream, error or timeout."""
+    limits = config.limits if config is not None else Limits()
+    stream = Stream(sock, limits.timeout)
+    peer = peer_of(sock)
+    if config is None:
+        _refuse_all(stream, peer, config_error)
+        return
+    try:
+        spool = Spool(config.spool, create=True)
+    except OSError as e:
+        _refuse_all(stream, peer, f"spool {config.spool}: {os.strerror(e.errno or 0)}")
+        return
+    with spool:
+        handler = Handler(config, spool, peer)
+        while _serve_batch(stream, handler, spool, peer, limits.max_batch):
+            pass
+
+
+def _serve_batch(stream: Stream, handler: Handler, spool: Spool, peer: Peer, limit: int) -> bool:
+    """Read what is already waiting (up to ``limit``), commit once, answer in order."""
+    outcomes: list[Outcome] = []
+    go_on = True
+    bad: str | None = None
+    try:
+        while len(outcomes) < limit:
+            received = read_request(stream)
+            if received is None:
+                go_on = False
+                break
+            try:
+                outcomes.append(handler.handle(received))
+            finally:
+                received.close()
+            if not stream.more_waiting():
+                break
+    except BadRequest as e:
+        bad, go_on = str(e), False
+    except Disconnected:
+        go_on = False  # nothing of an unfinished request was spooled
+    _commit(spool, outcomes)
+    try:
+        for outcome in outcomes:
+            _report(outcome, peer)
+            stream.send(submitwire.encode_response(outcome.response))
+        if bad is not None:
+            _report_bad(bad, peer)
+            stream.send(submitwire.encode_response(Response(Code.BAD_REQUEST, bad)))
+    except OSError:
+        return False  # the client left: what was committed stays spooled
+    return go_on
+
+
+def _commit(spool: Spool, outcomes: list[Outcome]) -> None:
+    if not any(o.added for o in outcomes):
+        return
+    crash_point("before-commit")
+    try:
+        spool.commit()
+    except OSError as e:
+        # Entries linked but not known durable: answer failure so the caller
+        # retries. A retry may ship the file twice, never zero times.
+        failure = _spool_failure(e, 0)
+        for o in outcomes:
+            if o.added is not None:
+                o.response = Response(failure.code, str(failure))
+                o.added = None
+
+
+def _refuse_all(stream: Stream, peer: Peer, reason: str) -> None:
+    message = f"service misconfigured: {reason}"
+    try:
+        while (received := read_request(stream)) is not None:
+            received.close()
+            outcome = Outcome(received.request, Response(Code.INTERNAL, message))
+            _report(outcome, peer)
+            stream.send(submitwire.encode_response(outcome.response))
+    except (BadRequest, Disconnected, OSError):
+        return
+
+
+def _report(outcome: Outcome, peer: Peer) -> None:
+    request, response, added = outcome.request, outcome.response, outcome.added
+    path = request.path.decode("utf-8", "backslashreplace")
+    if added is not None:
+        journal.send(
+            f"accepted {added.path}",
+            message_id=journal.SUBMIT_ACCEPTED,
+            keyword=request.keyword,
+            uid=peer.uid,
+            pid=peer.pid,
+            path=path,
+            entry=added.path,
+            size=added.size,
+        )
+    else:
+        journal.send(
+            f"refused: {response.message}",
+            message_id=journal.SUBMIT_REFUSED,
+            priority=4,
+            keyword=request.keyword,
+            uid=peer.uid,
+            pid=peer.pid,
+            path=path,
+            reason=response.code.name,
+        )
+
+
+def _report_bad(reason: str, peer: Peer) -> None:
+    journal.send(
+        f"refused: {reason}",
+        message_id=journal.SUBMIT_REFUSED,
+        priority=4,
+        reason=Code.BAD_REQUEST.name,
+        uid=peer.uid,
+        pid=peer.pid,
+    )
+
+
+# -- process modes -----------------------------------------------------------------
+
+
+def listen_fds() -> int:
+    """sd_listen_fds() without importing systemd.daemon: 0 unless meant for us."""
+    try:
+        if int(os.environ.get("LISTEN_PID", "")) != os.getpid():
+            return 0
+        return int(os.environ.get("LISTEN_FDS", "0"))
+    except ValueError:
+        return 0
+
+
+def inherited_connection(fd: int = SD_LISTEN_FDS_START) -> socket.socket:
+    """The connection systemd handed over, checked: AF_UNIX, SOCK_STREAM, connected."""
+    os.set_inheritable(fd, False)
+    sock = socket.socket(fileno=fd)
+    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+        sock.detach()
+        raise SystemExit(f"dlogd-submit: fd {fd} is not a Unix stream socket")
+    try:
+        sock.getpeername()
+    except OSError:
+        sock.detach()
+        raise SystemExit(
+            f"dlogd-submit: fd {fd} is not a connected socket (is the .socket unit Accept=yes?)"
+        ) from None
+    return sock
+
+
+def load(path: str) -> tuple[ClientConfig | None, str]:
+    from dlogd.config import ConfigError, load_client
+
+    try:
+        return load_client(path), ""
+    except (ConfigError, OSError) as e:
+        journal.send(
+            f"cannot load {path}: {e}", message_id=journal.CONFIG_ERROR, priority=3, path=path
+        )
+        return None, str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+def serve_listening(path: str, loader: Callable[[], tuple[ClientConfig | None, str]]) -> None:
+    """Development mode: a socket of our own, one connection at a time."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+        if os.path.exists(path) and stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)
+        server.bind(path)
+        os.chmod(path, 0o666)
+        server.listen(16)
+        while True:
+            conn, _ = server.accept()
+            with conn:
+                config, error = loader()
+                serve_connection(conn, config, error)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="dlogd-submit",
+        description="Spool files submitted over the local socket (run by dlogd-submit@.service).",
+    )
+    parser.add_argument("--config", default=DEFAULT_CLIENT_CONFIG, help="client config file")
+    parser.add_argument(
+        "--listen", metavar="PATH", help="without socket activation: listen on PATH (development)"
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    count = listen_fds()
+    if count > 1:
+        print(f"dlogd-submit: expected 1 socket from systemd, got {count}", file=sys.stderr)
+        return 2
+    if count == 1:
+        with inherited_connection() as sock:
+            config, error = load(args.config)
+            serve_connection(sock, config, error)
+        return 0
+    if args.listen:
+        serve_listening(args.listen, lambda: load(args.config))
+        return 0
+    print("dlogd-submit: no socket from systemd and no --listen PATH", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

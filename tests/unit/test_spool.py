@@ -1,0 +1,264 @@
+"""Spool operations on a real file system: naming, link/copy, markers, acks, cleanup."""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from dlogd.spool import MAX_BASENAME, BadName, Entry, Spool, entry_basename
+
+SAFE_RE = re.compile(r"[A-Za-z0-9._+,=@%-]+\Z")
+NOW = 1_700_000_000
+
+
+@pytest.fixture
+def spool(tmp_path: Path) -> Iterator[Spool]:
+    with Spool(str(tmp_path / "spool"), create=True) as s:
+        yield s
+
+
+def write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def add_file(spool: Spool, path: Path, hosts: tuple[str, ...] = ("logs1",), **kw: bool) -> str:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        added = spool.add("audit", fd, entry_basename(os.fsencode(path)), hosts, now=NOW, **kw)
+    finally:
+        os.close(fd)
+    spool.commit()
+    return added.name
+
+
+def unquote(text: str) -> bytes:
+    return re.sub(rb"%([0-9A-F]{2})", lambda m: bytes([int(m[1], 16)]), text.encode())
+
+
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [
+        (b"/var/log/app.log", "app.log"),
+        (b"rel/a b", "a%20b"),
+        (b"x\ny", "x%0Ay"),
+        (b"/t/\xff\xfe.log", "%FF%FE.log"),
+        (b"100%", "100%25"),
+        (b"/t/.hidden", "%2Ehidden"),
+        (b"..x", "%2E.x"),
+        (b"dir/name/", "name"),
+        (b"a+b,c=d@e-f_g", "a+b,c=d@e-f_g"),
+        (b"tab\there", "tab%09here"),
+    ],
+)
+def test_entry_basename_encodes(path: bytes, expected: str) -> None:
+    assert entry_basename(path) == expected
+
+
+@pytest.mark.parametrize("path", [b"", b"/", b".", b"..", b"/a/..", b"a/./", b"//"])
+def test_entry_basename_refuses_empty_and_dots(path: bytes) -> None:
+    with pytest.raises(BadName):
+        entry_basename(path)
+
+
+def test_entry_basename_truncates_without_splitting_escape() -> None:
+    long_name = b"a" * 179 + b" " + b"b" * 75  # 255 bytes, an escape straddles byte 180
+    encoded = entry_basename(b"/x/" + long_name)
+    assert encoded == "a" * 179
+    assert len(entry_basename(b"\n" * 255)) == 180  # 60 whole escapes
+
+
+@given(
+    st.binary(min_size=1, max_size=300).filter(lambda b: b"/" not in b and b not in (b".", b".."))
+)
+def test_entry_basename_is_safe_and_faithful(base: bytes) -> None:
+    encoded = entry_basename(b"/dir/" + base)
+    assert SAFE_RE.match(encoded)
+    assert len(encoded) <= MAX_BASENAME
+    assert not encoded.startswith(".")
+    assert base.startswith(unquote(encoded))
+
+
+def test_add_links_same_inode_with_markers(spool: Spool, tmp_path: Path) -> None:
+    src = write(tmp_path / "app.log", b"hello\n")
+    name = add_file(spool, src, ("logs1", "logs2"))
+    assert name == f"{NOW}.app.log"
+    stored = tmp_path / "spool" / "audit" / name
+    assert stored.stat().st_ino == src.stat().st_ino
+    assert sorted(os.listdir(tmp_path / "spool/audit/.owed" / name)) == ["logs1", "logs2"]
+    assert list(spool.pending()) == [Entry("audit", name, frozenset({"logs1", "logs2"}), 6)]
+
+
+def test_same_name_same_second_all_survive(spool: Spool, tmp_path: Path) -> None:
+    names = [add_file(spool, _fresh(tmp_path, i)) for i in range(3)]
+    assert names == [f"{NOW}.same.log", f"{NOW}-1.same.log", f"{NOW}-2.same.log"]
+    contents = [(tmp_path / "spool/audit" / n).read_bytes() for n in names]
+    assert contents == [b"content 0", b"content 1", b"content 2"]
+
+
+def _fresh(tmp_path: Path, i: int) -> Path:
+    d = tmp_path / f"d{i}"
+    d.mkdir()
+    return write(d / "same.log", f"content {i}".encode())
+
+
+def test_other_file_system_is_copied(spool: Spool, tmp_path: Path) -> None:
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as shm:
+        src = write(Path(shm) / "shm.log", b"x" * 100_000)
+        name = add_file(spool, src)
+        stored = tmp_path / "spool/audit" / name
+        assert stored.stat().st_dev != src.stat().st_dev
+        src.write_bytes(b"changed")  # a copy is a snapshot
+    assert stored.read_bytes() == b"x" * 100_000
+    assert os.listdir(tmp_path / "spool/audit/.tmp") == []
+
+
+@pytest.mark.parametrize("o_tmpfile", [True, False])
+def test_copy_flag_copies_on_same_file_system(
+    spool: Spool, tmp_path: Path, o_tmpfile: bool
+) -> None:
+    spool.use_o_tmpfile = o_tmpfile
+    src = write(tmp_path / "c.log", b"data")
+    name = add_file(spool, src, copy=True)
+    stored = tmp_path / "spool/audit" / name
+    assert stored.stat().st_ino != src.stat().st_ino
+    assert stored.read_bytes() == b"data"
+    assert stored.stat().st_mode & 0o777 == 0o600
+    assert os.listdir(tmp_path / "spool/audit/.tmp") == []
+
+
+def test_link_changes_with_file_copy_does_not(spool: Spool, tmp_path: Path) -> None:
+    src = write(tmp_path / "l.log", b"v1")
+    linked = add_file(spool, src)
+    copied = add_file(spool, src, copy=True)
+    src.write_bytes(b"v2")
+    assert (tmp_path / "spool/audit" / linked).read_bytes() == b"v2"
+    assert (tmp_path / "spool/audit" / copied).read_bytes() == b"v1"
+
+
+def test_acknowledge_per_host(spool: Spool, tmp_path: Path) -> None:
+    name = add_file(spool, write(tmp_path / "a.log", b"a"), ("h1", "h2"))
+    (entry,) = spool.pending()
+    spool.acknowledge(entry, "h1")
+    spool.commit()
+    assert [e.owed for e in spool.pending()] == [frozenset({"h2"})]
+    spool.acknowledge(entry, "h1")  # a repeated ack is harmless
+    spool.acknowledge(entry, "h2")
+    spool.commit()
+    assert list(spool.pending()) == []
+    assert not (tmp_path / "spool/audit" / name).exists()
+    assert os.listdir(tmp_path / "spool/audit/.owed") == []
+    assert (tmp_path / "a.log").read_bytes() == b"a"  # the caller's file is untouched
+
+
+def test_open_entry_reads_content(spool: Spool, tmp_path: Path) -> None:
+    add_file(spool, write(tmp_path / "r.log", b"read me"))
+    (entry,) = spool.pending()
+    fd = spool.open_entry(entry)
+    try:
+        assert os.read(fd, 100) == b"read me"
+    finally:
+        os.close(fd)
+
+
+def test_cleanup_removes_crash_leftovers(spool: Spool, tmp_path: Path) -> None:
+    keep = add_file(spool, write(tmp_path / "keep.log", b"k"))
+    kw = tmp_path / "spool/audit"
+    (kw / ".owed/123.orphan/logs1").parent.mkdir()
+    (kw / ".owed/123.orphan/logs1").touch()
+    (kw / ".owed/.new-1-2").mkdir()
+    (kw / ".owed/.new-1-2/logs1").touch()
+    (kw / ".tmp/99-1").write_bytes(b"half")
+    done = add_file(spool, write(tmp_path / "done.log", b"d"))
+    (kw / ".owed" / done / "logs1").unlink()  # crash after the last ack, before unlink
+    assert spool.cleanup() == 4
+    assert sorted(os.listdir(kw)) == [".owed", ".tmp", keep]
+    assert os.listdir(kw / ".owed") == [keep]
+    assert os.listdir(kw / ".tmp") == []
+    assert [e.name for e in spool.pending()] == [keep]
+
+
+def test_entry_without_markers_is_owed_to_configured_hosts(spool: Spool, tmp_path: Path) -> None:
+    name = add_file(spool, write(tmp_path / "m.log", b"m"))
+    (tmp_path / "spool/audit/.owed" / name / "logs1").unlink()
+    (tmp_path / "spool/audit/.owed" / name).rmdir()
+    assert list(spool.pending()) == []  # no hosts known: kept, not shipped, not deleted
+    assert (tmp_path / "spool/audit" / name).exists()
+    (entry,) = spool.pending({"audit": ["a", "b"]})
+    assert entry.owed == frozenset({"a", "b"})
+    assert sorted(os.listdir(tmp_path / "spool/audit/.owed" / name)) == ["a", "b"]
+
+
+def test_planted_symlinks_are_not_followed(spool: Spool, tmp_path: Path) -> None:
+    secret = write(tmp_path / "secret", b"root only")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    add_file(spool, write(tmp_path / "x.log", b"x"))
+    kw = tmp_path / "spool/audit"
+    (kw / "1.evil").symlink_to(secret)
+    (kw / ".owed/1.evil").mkdir()
+    (kw / ".owed/1.evil/logs1").touch()
+    (tmp_path / "spool/linked").symlink_to(outside)
+    assert [e.name for e in spool.pending()] == [f"{NOW}.x.log"]
+    with pytest.raises(OSError):
+        spool.open_entry(Entry("audit", "1.evil", frozenset({"logs1"}), 0))
+    fd = os.open(tmp_path / "x.log", os.O_RDONLY)
+    try:
+        with pytest.raises(OSError):
+            spool.add("linked", fd, "x.log", ["logs1"], now=NOW)
+    finally:
+        os.close(fd)
+    assert os.listdir(outside) == []
+    assert secret.read_bytes() == b"root only"
+
+
+def test_symlinked_owed_dir_is_refused(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    kw = tmp_path / "spool/audit"
+    kw.mkdir(parents=True)
+    (kw / ".owed").symlink_to(outside)
+    src = write(tmp_path / "s.log", b"s")
+    with Spool(str(tmp_path / "spool")) as spool, pytest.raises(OSError):
+        add_file(spool, src)
+    assert os.listdir(outside) == []
+
+
+@pytest.mark.parametrize("basename", ["../x", ".hidden", "a/b", "", "x" * 181])
+def test_add_refuses_unencoded_names(spool: Spool, tmp_path: Path, basename: str) -> None:
+    fd = os.open(write(tmp_path / "f", b""), os.O_RDONLY)
+    try:
+        with pytest.raises(ValueError):
+            spool.add("audit", fd, basename, ["logs1"])
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("hosts", [[], ["../etc"], [".h"], ["a/b"]])
+def test_add_refuses_bad_hosts(spool: Spool, tmp_path: Path, hosts: list[str]) -> None:
+    fd = os.open(write(tmp_path / "f", b""), os.O_RDONLY)
+    try:
+        with pytest.raises(ValueError):
+            spool.add("audit", fd, "f", hosts)
+    finally:
+        os.close(fd)
+    assert list(spool.pending()) == []
+
+
+def test_deleted_source_is_copied(spool: Spool, tmp_path: Path) -> None:
+    src = write(tmp_path / "gone.log", b"still here")
+    fd = os.open(src, os.O_RDONLY)
+    try:
+        src.unlink()  # nlink 0: linkat fails with ENOENT, the copy path takes over
+        added = spool.add("audit", fd, "gone.log", ["logs1"], now=NOW)
+    finally:
+        os.close(fd)
+    assert added.copied
+    assert (tmp_path / "spool/audit" / added.name).read_bytes() == b"still here"
