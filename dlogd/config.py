@@ -14,9 +14,11 @@ import os
 import pwd
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from dlogd.conflang import ConfigSyntaxError, Location, Problem, Sources, parse_file, quote
+if TYPE_CHECKING:
+    # The parser is only needed when the cache is stale: keep it off the hot path.
+    from dlogd.conflang import Problem, Sources
 
 DEFAULT_PORT = 7878
 DEFAULT_SPOOL = "/var/spool/dlogd"
@@ -128,6 +130,7 @@ def refresh_cache(path: str, role: str, cache_dir: str | None = None) -> bool:
 
 def _validate(path: str, role: str) -> tuple[dict[str, Any], Sources, tuple[Problem, ...]]:
     from dlogd import schema
+    from dlogd.conflang import ConfigSyntaxError, Location, Problem, Sources, parse_file
 
     sources = Sources()
     try:
@@ -332,6 +335,8 @@ def to_json(config: ClientConfig | ServerConfig) -> dict[str, Any]:
 
 def to_text(config: ClientConfig | ServerConfig) -> str:
     """Config text that parses back to an equal object (sources aside)."""
+    from dlogd.conflang import quote
+
     lines = [
         "tls {",
         f"    certificate {quote(config.tls.certificate)};",
