@@ -221,8 +221,10 @@ def _read_cache(cache: str) -> dict[str, Any] | None:
     try:
         if any(_stamp(p) != s for p, s in record["stamps"].items()):
             return None
-    except OSError:
-        return None
+        if not isinstance(record["data"], dict) or not isinstance(record["files"], list):
+            return None
+    except (OSError, KeyError, TypeError, AttributeError):
+        return None  # unreadable source, or a cache of the wrong shape: validate afresh
     return record
 
 

@@ -330,7 +330,16 @@ def _parse_with_includes(
                 raise ConfigSyntaxError(
                     statement.location, f"includes nested deeper than {MAX_INCLUDE_DEPTH}"
                 )
-            result.extend(_parse_with_includes(target, sources, (*stack, os.path.realpath(path))))
+            try:
+                included = _parse_with_includes(target, sources, (*stack, os.path.realpath(path)))
+            except ConfigSyntaxError as exc:
+                if exc.location.line:
+                    raise
+                # The target itself is unusable: say so where the include was written.
+                raise ConfigSyntaxError(
+                    statement.location, f"include {target}: {exc.message}"
+                ) from None
+            result.extend(included)
     return tuple(result)
 
 
@@ -339,6 +348,8 @@ def _include_targets(statement: Statement, path: str, sources: Sources) -> list[
         raise ConfigSyntaxError(statement.location, 'include takes one value: include "PATH";')
     if statement.values[0].kind != "string":
         raise ConfigSyntaxError(statement.values[0].location, "include path must be a string")
+    if "\0" in statement.values[0].text:
+        raise ConfigSyntaxError(statement.values[0].location, "NUL byte in include path")
     target = os.path.join(os.path.dirname(path), statement.values[0].text)
     if not os.path.isdir(target):
         return [target]

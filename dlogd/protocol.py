@@ -86,6 +86,7 @@ class Code(enum.IntEnum):
     INTERNAL = 12
     TIMEOUT = 13
     CONNECTION_CLOSED = 14
+    PEER_NOT_ALLOWED = 15
 
     @property
     def temporary(self) -> bool:

@@ -34,7 +34,8 @@ FINGERPRINT_RE = re.compile(r"(?:sha256:)?((?:[0-9A-Fa-f]{2}:?){31}[0-9A-Fa-f]{2
 SIZE_RE = re.compile(r"([0-9]+)([KMGT]?)\Z")
 DURATION_RE = re.compile(r"([0-9]+)(ms|s|min|h)?\Z")
 SIZE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
-DURATION_UNITS = {None: 1.0, "s": 1.0, "ms": 0.001, "min": 60.0, "h": 3600.0}
+# Divide for ms: 9 * 0.001 is not 9 / 1000 in floating point, and to_text must round-trip.
+DURATION_UNITS = {None: (1, 1), "s": (1, 1), "ms": (1, 1000), "min": (60, 1), "h": (3600, 1)}
 MAX_UID = 2**32 - 2  # (uid_t)-1 means "no uid" to the kernel
 
 
@@ -57,19 +58,15 @@ class Shaped:
         data: dict[str, Any] = {}
         for st in statements:
             if st.block is None:
-                occurrences = data.setdefault(st.name, [])
-                where = (*path, st.name, len(occurrences))
-                self.locations.setdefault((*path, st.name), st.location)
-                self.locations[where] = st.location
-                for i, value in enumerate(st.values):
-                    self.locations[(*where, i)] = value.location
-                occurrences.append([_plain(v) for v in st.values])
+                self._simple(data, st, path)
             elif not st.values:
-                self._block(data, st.name, st, (*path, st.name))
+                if self._same_kind(data, st, dict):
+                    self._block(data, st.name, st, (*path, st.name))
             elif len(st.values) == 1 and st.values[0].kind == "string":
-                named = data.setdefault(st.name, {})
-                self.locations.setdefault((*path, st.name), st.location)
-                self._block(named, st.values[0].text, st, (*path, st.name, st.values[0].text))
+                if self._same_kind(data, st, dict):
+                    named = data.setdefault(st.name, {})
+                    self.locations.setdefault((*path, st.name), st.location)
+                    self._block(named, st.values[0].text, st, (*path, st.name, st.values[0].text))
             else:
                 self.problems.append(
                     Problem(
@@ -77,6 +74,26 @@ class Shaped:
                     )
                 )
         return data
+
+    def _simple(self, data: dict[str, Any], st: Statement, path: Path) -> None:
+        if not self._same_kind(data, st, list):
+            return
+        occurrences = data.setdefault(st.name, [])
+        where = (*path, st.name, len(occurrences))
+        self.locations.setdefault((*path, st.name), st.location)
+        self.locations[where] = st.location
+        for i, value in enumerate(st.values):
+            self.locations[(*where, i)] = value.location
+        occurrences.append([_plain(v) for v in st.values])
+
+    def _same_kind(self, data: dict[str, Any], st: Statement, kind: type) -> bool:
+        """A name used both as a block and as a simple directive: report, keep the first."""
+        if st.name in data and not isinstance(data[st.name], kind):
+            self.problems.append(
+                Problem(st.location, f"{st.name!r} used both as a block and as a simple directive")
+            )
+            return False
+        return True
 
     def _block(self, parent: dict[str, Any], key: str, st: Statement, path: Path) -> None:
         if key in parent:
@@ -186,7 +203,8 @@ def duration(value: Any) -> float:
         raise _fail(
             f"{value!r}: expected a positive duration: seconds, or a number with ms, s, min, h"
         )
-    return int(match.group(1)) * DURATION_UNITS[match.group(2)]
+    multiplier, divisor = DURATION_UNITS[match.group(2)]
+    return float(int(match.group(1)) * multiplier / divisor)
 
 
 def tls_version(value: Any) -> str:
@@ -216,9 +234,15 @@ def once(validator: Validator) -> Validator:
     """A directive that may appear once, with one value."""
 
     def check(occurrences: Any) -> Any:
+        if not isinstance(occurrences, list):
+            raise vol.Invalid("expected a list")  # a block where a directive belongs
         if len(occurrences) != 1:
             raise vol.Invalid("may appear only once", path=[1])
-        return one_value(validator)(occurrences[0])
+        try:
+            return one_value(validator)(occurrences[0])
+        except vol.Invalid as exc:
+            exc.prepend([0])
+            raise
 
     return check
 

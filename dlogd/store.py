@@ -57,6 +57,14 @@ class Mismatch(StoreError):
         super().__init__(message, temporary=False)
 
 
+class SizeMismatch(Mismatch):
+    pass
+
+
+class DigestMismatch(Mismatch):
+    pass
+
+
 def check_name(name: str) -> None:
     """The sender never chooses a path: a plain basename of safe characters."""
     if len(name.encode()) > MAX_NAME or not NAME_RE.match(name):
@@ -151,9 +159,9 @@ class Upload:
         self.received = offset
         self.stored_as: str | None = None
 
-    def write(self, data: bytes | memoryview) -> None:
+    def write(self, data: bytes | bytearray | memoryview) -> None:
         if self.received + len(data) > self.size:
-            raise Mismatch(f"{self.name}: more bytes than the {self.size} announced")
+            raise SizeMismatch(f"{self.name}: more bytes than the {self.size} announced")
         self.digest.update(data)
         try:
             view = memoryview(data)
@@ -172,10 +180,12 @@ class Upload:
         """Size and digest, before anything becomes visible."""
         if self.received != self.size:
             self.discard()
-            raise Mismatch(f"{self.name}: {self.received} bytes received, {self.size} announced")
+            raise SizeMismatch(
+                f"{self.name}: {self.received} bytes received, {self.size} announced"
+            )
         if self.digest.digest() != self.sha256:
             self.discard()
-            raise Mismatch(f"{self.name}: SHA-256 of the data does not match the offer")
+            raise DigestMismatch(f"{self.name}: SHA-256 of the data does not match the offer")
 
     def discard(self) -> None:
         self.close()

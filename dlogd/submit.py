@@ -29,11 +29,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from dlogd import journal, submitwire
+from dlogd.activation import inherited_connection, listen_fds
 from dlogd.config import DEFAULT_CLIENT_CONFIG, ClientConfig, ClientKeyword, Limits
 from dlogd.spool import Added, BadName, Spool, crash_point, entry_basename
 from dlogd.submitwire import Code, Request, Response, WireError
 
-SD_LISTEN_FDS_START = 3
 MAX_FDS_PER_MESSAGE = 16  # room to notice (and close) extra descriptors
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
 _UCRED = struct.Struct("iII")
@@ -401,33 +401,6 @@ def _report_bad(reason: str, peer: Peer) -> None:
 # -- process modes -----------------------------------------------------------------
 
 
-def listen_fds() -> int:
-    """sd_listen_fds() without importing systemd.daemon: 0 unless meant for us."""
-    try:
-        if int(os.environ.get("LISTEN_PID", "")) != os.getpid():
-            return 0
-        return int(os.environ.get("LISTEN_FDS", "0"))
-    except ValueError:
-        return 0
-
-
-def inherited_connection(fd: int = SD_LISTEN_FDS_START) -> socket.socket:
-    """The connection systemd handed over, checked: AF_UNIX, SOCK_STREAM, connected."""
-    os.set_inheritable(fd, False)
-    sock = socket.socket(fileno=fd)
-    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
-        sock.detach()
-        raise SystemExit(f"dlogd-submit: fd {fd} is not a Unix stream socket")
-    try:
-        sock.getpeername()
-    except OSError:
-        sock.detach()
-        raise SystemExit(
-            f"dlogd-submit: fd {fd} is not a connected socket (is the .socket unit Accept=yes?)"
-        ) from None
-    return sock
-
-
 def load(path: str) -> tuple[ClientConfig | None, str]:
     from dlogd.config import ConfigError, load_client
 
@@ -474,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dlogd-submit: expected 1 socket from systemd, got {count}", file=sys.stderr)
         return 2
     if count == 1:
-        with inherited_connection() as sock:
+        with inherited_connection("dlogd-submit", (socket.AF_UNIX,)) as sock:
             config, error = load(args.config)
             serve_connection(sock, config, error)
         return 0

@@ -1,0 +1,414 @@
+"""The collector service: one shipper's TLS connection in, durable files out.
+
+Runs as the ``dlogd-receive@`` instance of an ``Accept=yes`` TCP socket (the
+connection is fd 3), or standalone on a port for development
+(``--listen ADDRESS:PORT``). Flow per connection:
+
+    TLS handshake (mutual) -> which configured host is this? (tls.identify_sender)
+    -> protocol.Connection(RECEIVER) -> per offer: keyword allowed for this host?
+    -> store.Store for (keyword, host) decides accept / resume / already stored
+    -> data written and hashed as it arrives -> group commit -> STORED
+
+The group commit: finished files are made durable together when the
+shipper has nothing more waiting on the socket (or a batch is full), so a
+stream of small files costs one flush per batch instead of one per file,
+and no acknowledgement is ever sent before its file is durable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import select
+import socket
+import sys
+import threading
+from dataclasses import dataclass
+
+from dlogd import journal
+from dlogd.activation import inherited_connection, listen_fds
+from dlogd.config import DEFAULT_SERVER_CONFIG, ConfigError, ServerConfig, load_server
+from dlogd.protocol import (
+    NEED_DATA,
+    Accept,
+    AlreadyStored,
+    Code,
+    Connection,
+    ConnectionClosed,
+    Data,
+    EndOfData,
+    Error,
+    Event,
+    Failed,
+    Goodbye,
+    Hello,
+    Offer,
+    Ping,
+    Pong,
+    ProtocolError,
+    Refuse,
+    Role,
+    Stored,
+)
+from dlogd.store import BadName, DigestMismatch, SizeMismatch, Store, StoreError, Upload
+from dlogd.tls import PeerRefused, TLSError, TLSStream, identify_sender, server_context
+
+MAX_BATCH_FILES = 64
+MAX_BATCH_BYTES = 256 * 1024 * 1024
+
+
+@dataclass
+class _Incoming:
+    """A file whose data is arriving: where it goes, or why it will fail."""
+
+    offer: Offer
+    store: Store
+    upload: Upload | None
+    failure: StoreError | None = None
+
+
+class Session:
+    """One shipper connection after the handshake: the protocol loop over a TLS stream."""
+
+    def __init__(self, config: ServerConfig, stream: TLSStream, host: str, peer: str) -> None:
+        self.config = config
+        self.stream = stream
+        self.host = host
+        self.peer = peer
+        self.conn = Connection(
+            Role.RECEIVER, max_frame=config.limits.frame_size, window=config.limits.window
+        )
+        self.stores: dict[str, Store] = {}  # keyword -> this host's directory for it
+        self.incoming: dict[int, _Incoming] = {}
+        self.batch: dict[Upload, Offer] = {}  # finished, not yet durable
+        self.batch_bytes = 0
+        self.stored = 0
+
+    def run(self) -> None:
+        buffer = bytearray(self.conn.max_frame + 64 * 1024)
+        view = memoryview(buffer)
+        try:
+            while True:
+                event = self.conn.next_event()
+                if event is NEED_DATA:
+                    if self.batch and not _readable_now(self.stream):
+                        self._commit()
+                    received = self.stream.recv_into(buffer)
+                    self.conn.receive_data(view[:received] if received else b"")
+                    continue
+                if isinstance(event, ConnectionClosed | Error):
+                    self._ended(event)
+                    return
+                if isinstance(event, Goodbye):
+                    self._commit()
+                    self._send(Goodbye())
+                    self.stream.shutdown()
+                    return
+                self._handle(event)
+        finally:
+            self._close()
+
+    def _handle(self, event: Event) -> None:
+        if isinstance(event, Hello):
+            self._send(self.conn.answer_hello(event))
+        elif isinstance(event, Offer):
+            self._send(self._answer(event))
+        elif isinstance(event, Data):
+            self._write(event)
+        elif isinstance(event, EndOfData):
+            self._end_of_data(event.file_id)
+        elif isinstance(event, Ping):
+            self._send(Pong(event.nonce))
+
+    def _send(self, event: Event) -> None:
+        self.stream.sendall(self.conn.send(event))
+
+    # --- offers ---
+
+    def _answer(self, offer: Offer) -> Accept | AlreadyStored | Refuse:
+        keyword = self.config.keywords.get(offer.keyword)
+        directory = keyword.dirs.get(self.host) if keyword else None
+        if directory is None:
+            return self._refuse(
+                offer, Code.KEYWORD_NOT_ALLOWED, f"host {self.host} may not send {offer.keyword!r}"
+            )
+        if offer.size > self.config.limits.max_file_size:
+            return self._refuse(
+                offer,
+                Code.TOO_LARGE,
+                f"{offer.size} bytes is over the limit of {self.config.limits.max_file_size}",
+            )
+        try:
+            store = self._store(offer.keyword, directory)
+            offered = store.offer(offer.name, offer.size, offer.sha256)
+            if offered.already_stored is not None:
+                self._record(
+                    journal.RECEIVE_DUPLICATE,
+                    "already stored",
+                    offer,
+                    stored_as=offered.already_stored,
+                )
+                return AlreadyStored(offer.file_id)
+            upload = store.begin(offer.name, offer.size, offer.sha256, offered.offset)
+        except StoreError as exc:
+            code = _store_code(exc)
+            return self._refuse(offer, code, str(exc))
+        self.incoming[offer.file_id] = _Incoming(offer, store, upload)
+        if offered.offset:
+            self._record(journal.RECEIVE_RESUMED, f"resuming at byte {offered.offset}", offer)
+        return Accept(offer.file_id, offered.offset)
+
+    def _refuse(self, offer: Offer, code: Code, why: str) -> Refuse:
+        self._record(
+            journal.RECEIVE_REFUSED, f"refused: {why}", offer, reason=code.name, priority=4
+        )
+        return Refuse(offer.file_id, code, why[:1000])
+
+    def _store(self, keyword: str, directory: str) -> Store:
+        store = self.stores.get(keyword)
+        if store is None:
+            store = self.stores[keyword] = Store(directory)
+        return store
+
+    # --- data ---
+
+    def _write(self, event: Data) -> None:
+        incoming = self.incoming[event.file_id]
+        if incoming.upload is None:
+            return  # failed earlier in this file: its data is read and dropped
+        try:
+            incoming.upload.write(event.data)
+        except StoreError as exc:
+            # Disk full: keep what is written for a later resume, drop the rest.
+            incoming.upload.close()
+            incoming.upload, incoming.failure = None, exc
+
+    def _end_of_data(self, file_id: int) -> None:
+        incoming = self.incoming.pop(file_id)
+        if incoming.upload is None:
+            assert incoming.failure is not None
+            self._fail(incoming.offer, _store_code(incoming.failure), str(incoming.failure))
+            return
+        try:
+            incoming.store.finish(incoming.upload)
+        except StoreError as exc:
+            self._fail(incoming.offer, _store_code(exc), str(exc))
+            return
+        self.batch[incoming.upload] = incoming.offer
+        self.batch_bytes += incoming.offer.size
+        if len(self.batch) >= MAX_BATCH_FILES or self.batch_bytes >= MAX_BATCH_BYTES:
+            self._commit()
+
+    def _fail(self, offer: Offer, code: Code, why: str) -> None:
+        self._record(journal.RECEIVE_REFUSED, f"failed: {why}", offer, reason=code.name, priority=4)
+        self._send(Failed(offer.file_id, code, why[:1000]))
+
+    def _commit(self) -> None:
+        """Make the batch durable, then (only then) acknowledge each file in it."""
+        batch, self.batch, self.batch_bytes = self.batch, {}, 0
+        for store in {upload.store for upload in batch}:
+            try:
+                done = store.commit()
+            except StoreError as exc:
+                for upload, offer in batch.items():
+                    if upload.store is store:
+                        self._fail(offer, _store_code(exc), str(exc))
+                continue
+            for upload in done:
+                self.stored += 1
+                offer = batch[upload]
+                self._record(
+                    journal.RECEIVE_STORED, "stored", offer, stored_as=upload.stored_as or ""
+                )
+                self._send(Stored(offer.file_id))
+
+    # --- endings ---
+
+    def _ended(self, event: ConnectionClosed | Error) -> None:
+        if isinstance(event, Error):
+            journal.send(
+                f"shipper {self.host} ended the connection: {event.code.name}: {event.message}",
+                message_id=journal.RECEIVE_REFUSED,
+                priority=4,
+                host=self.host,
+                peer=self.peer,
+                reason=event.code.name,
+            )
+
+    def _close(self) -> None:
+        for incoming in self.incoming.values():
+            if incoming.upload is not None:
+                incoming.upload.close()  # the partial stays for a resume
+        for store in self.stores.values():
+            store.close()
+
+    def _record(
+        self, message_id: str, what: str, offer: Offer, *, priority: int = 6, **fields: str | int
+    ) -> None:
+        journal.send(
+            f"{offer.keyword}/{offer.name} from {self.host}: {what}",
+            message_id=message_id,
+            priority=priority,
+            keyword=offer.keyword,
+            host=self.host,
+            peer=self.peer,
+            file=offer.name,
+            size=offer.size,
+            sha256=offer.sha256.hex(),
+            **fields,
+        )
+
+
+def _readable_now(stream: TLSStream) -> bool:
+    """More from the shipper already here? Then the batch can grow before a flush."""
+    if stream.conn.pending():
+        return True
+    poller = select.poll()
+    poller.register(stream.sock, select.POLLIN)
+    return bool(poller.poll(0))
+
+
+def _store_code(exc: StoreError) -> Code:
+    if isinstance(exc, DigestMismatch):
+        return Code.DIGEST_MISMATCH
+    if isinstance(exc, SizeMismatch):
+        return Code.SIZE_MISMATCH
+    if isinstance(exc, BadName):
+        return Code.BAD_NAME
+    return Code.TEMPORARY_FAILURE if exc.temporary else Code.INTERNAL
+
+
+def serve(sock: socket.socket, config: ServerConfig) -> int:
+    """Serve one accepted connection; 0 if it ended cleanly."""
+    peer = _peer_text(sock)
+    try:
+        stream = TLSStream(
+            sock, server_context(config.tls), server_side=True, timeout=config.limits.timeout
+        )
+    except TLSError as exc:
+        _peer_refused(peer, "", f"cannot set up TLS: {exc}")
+        return 1
+    with stream:
+        try:
+            identity = stream.handshake()
+        except TLSError as exc:
+            _peer_refused(peer, "", f"TLS handshake failed: {exc}")
+            return 1
+        try:
+            host = identify_sender(identity, stream.peer_ip(), config.hosts)
+        except PeerRefused as exc:
+            _peer_refused(peer, str(identity), f"{exc.code}: {exc}")
+            _tell(stream, Error(Code.PEER_NOT_ALLOWED, f"{exc.code}: not accepted here"))
+            return 1
+        session = Session(config, stream, host.name, peer)
+        try:
+            session.run()
+        except ProtocolError as exc:
+            _tell(stream, session.conn.send(Error.from_exception(exc)))
+            _peer_refused(peer, str(identity), f"protocol error: {exc}", host=host.name)
+            return 1
+        except TLSError as exc:
+            journal.send(
+                f"connection from {host.name} ({peer}) lost: {exc}",
+                message_id=journal.RECEIVE_REFUSED,
+                priority=4,
+                host=host.name,
+                peer=peer,
+                reason="CONNECTION_LOST",
+            )
+            return 1
+    return 0
+
+
+def _tell(stream: TLSStream, message: Error | bytes) -> None:
+    """Best effort: tell the peer why before hanging up."""
+    from dlogd.protocol import encode
+
+    data = encode(message) if isinstance(message, Error) else message
+    try:
+        stream.sendall(data)
+        stream.shutdown()
+    except TLSError:
+        pass
+
+
+def _peer_refused(peer: str, identity: str, why: str, *, host: str = "") -> None:
+    journal.send(
+        f"peer {peer} {identity} refused: {why}".replace("  ", " "),
+        message_id=journal.PEER_REFUSED,
+        priority=4,
+        peer=peer,
+        identity=identity,
+        reason=why,
+        host=host,
+    )
+
+
+def _peer_text(sock: socket.socket) -> str:
+    try:
+        address = sock.getpeername()
+    except OSError:
+        return "?"
+    return f"{address[0]}:{address[1]}" if isinstance(address, tuple) else str(address)
+
+
+def serve_standalone(address: str, port: int, config: ServerConfig) -> None:
+    """Development mode: our own listening socket, a thread per connection."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as server:
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        server.bind((address, port))
+        server.listen(config.limits.max_connections)
+        print(f"dlogd-receive: listening on {address}:{server.getsockname()[1]}", flush=True)
+        while True:
+            conn, _ = server.accept()
+            threading.Thread(target=_serve_closing, args=(conn, config), daemon=True).start()
+
+
+def _serve_closing(conn: socket.socket, config: ServerConfig) -> None:
+    with conn:
+        serve(conn, config)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="dlogd-receive",
+        description="Receive files from shippers over mutual TLS (run by dlogd-receive@.service).",
+    )
+    parser.add_argument("--config", default=DEFAULT_SERVER_CONFIG, help="collector config file")
+    parser.add_argument(
+        "--listen",
+        metavar="ADDRESS:PORT",
+        help="without socket activation: listen here (development); port 0 picks one",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        config = load_server(args.config)
+    except (ConfigError, OSError) as exc:
+        journal.send(
+            f"cannot load {args.config}: {exc}",
+            message_id=journal.CONFIG_ERROR,
+            priority=3,
+            path=args.config,
+        )
+        return 1
+    count = listen_fds()
+    if count > 1:
+        print(f"dlogd-receive: expected 1 socket from systemd, got {count}", file=sys.stderr)
+        return 2
+    if count == 1:
+        with inherited_connection("dlogd-receive", (socket.AF_INET, socket.AF_INET6)) as sock:
+            return serve(sock, config)
+    if args.listen:
+        address, _, port = args.listen.rpartition(":")
+        serve_standalone(address.strip("[]") or "127.0.0.1", int(port), config)
+        return 0
+    print("dlogd-receive: no socket from systemd and no --listen ADDRESS:PORT", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

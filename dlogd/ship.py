@@ -1,0 +1,516 @@
+"""The spool drain, ``dlogd-ship``: a oneshot that sends what the spool owes.
+
+Started by ``dlogd-ship.path`` (something was submitted) and
+``dlogd-ship.timer`` (retries). Flow:
+
+    spool.pending() -> group entries by the collector they are owed to
+    -> per collector that is due (retry state on disk), in its own thread:
+       TCP + mutual TLS -> check it is the collector we meant (name, pin)
+       -> protocol.Connection(SENDER): offer up to a window of files, send each
+          accepted file's bytes from the offset the collector asked for
+       -> on STORED / ALREADY_STORED: spool.acknowledge(entry, host)
+    -> a collector that fails gets an exponential, jittered, capped backoff
+       written to <spool>/.retry/<host>.json, so neither the path unit nor the
+       timer makes us hammer a collector that is down.
+
+A spool entry disappears only when every host it is owed to has acknowledged
+it (``Spool.acknowledge`` drops the entry with its last marker). Memory is
+constant whatever the file size: one frame buffer per connection.
+
+Exit status: 0 everything owed was delivered; 75 (EX_TEMPFAIL) some delivery
+is left for a retry (the unit lists 75 in SuccessExitStatus=, so systemd does
+not call that a failure); 1 the drain could not run at all (config, spool).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import random
+import select
+import socket
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from dlogd import journal
+from dlogd.config import DEFAULT_CLIENT_CONFIG, ClientConfig, ConfigError, Host, Retry, load_client
+from dlogd.protocol import (
+    DATA_HEADER,
+    NEED_DATA,
+    Accept,
+    AlreadyStored,
+    Connection,
+    ConnectionClosed,
+    EndOfData,
+    Error,
+    Event,
+    Failed,
+    Goodbye,
+    HelloReply,
+    Offer,
+    Ping,
+    Pong,
+    ProtocolError,
+    Refuse,
+    Role,
+    Stored,
+)
+from dlogd.spool import Entry, Spool
+from dlogd.store import hash_fd
+from dlogd.tls import TLSError, TLSStream, check_collector, client_context
+
+EXIT_DELIVERED = 0
+EXIT_FAILED = 1
+EXIT_RETRY_LATER = 75
+MAX_PARALLEL_HOSTS = 8
+ACKS_PER_COMMIT = 256
+RETRY_DIR = ".retry"
+
+
+class ShipError(Exception):
+    """This collector cannot be served now; everything owed to it waits for a retry."""
+
+
+@dataclass
+class Outcome:
+    """What happened with one collector in this run."""
+
+    host: str
+    owed: int = 0
+    delivered: int = 0
+    duplicates: int = 0
+    refused: int = 0
+    failed: int = 0
+    error: str | None = None
+    next_attempt: float | None = None  # set when deferred or failed
+
+    @property
+    def complete(self) -> bool:
+        return self.error is None and self.delivered + self.duplicates == self.owed
+
+    def summary(self) -> str:
+        text = f"{self.host}: {self.delivered + self.duplicates}/{self.owed} delivered"
+        if self.refused or self.failed:
+            text += f", {self.refused} refused, {self.failed} failed"
+        if self.error:
+            text += f" ({self.error})"
+        if self.next_attempt is not None:
+            text += f", next try {time.strftime('%H:%M:%S', time.localtime(self.next_attempt))}"
+        return text
+
+
+class RetryState:
+    """Per-collector backoff kept on disk, so short-lived runs remember it."""
+
+    def __init__(self, spool_root: str, policy: Retry) -> None:
+        self.directory = os.path.join(spool_root, RETRY_DIR)
+        self.policy = policy
+        os.makedirs(self.directory, mode=0o700, exist_ok=True)
+
+    def _path(self, host: str) -> str:
+        return os.path.join(self.directory, f"{host}.json")
+
+    def read(self, host: str) -> dict[str, float]:
+        try:
+            fd = os.open(self._path(host), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            with os.fdopen(fd) as handle:
+                state = json.load(handle)
+            return {"failures": float(state["failures"]), "next": float(state["next"])}
+        except (OSError, ValueError, KeyError, TypeError):
+            return {"failures": 0.0, "next": 0.0}
+
+    def due(self, host: str, now: float) -> float | None:
+        """None if the host may be tried now, else when it may."""
+        next_attempt = self.read(host)["next"]
+        return None if next_attempt <= now else next_attempt
+
+    def succeeded(self, host: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._path(host))
+
+    def failed(self, host: str, reason: str, now: float) -> float:
+        """Record a failure; returns when to try again."""
+        failures = int(self.read(host)["failures"]) + 1
+        delay = min(self.policy.max_delay, self.policy.min_delay * 2.0 ** (failures - 1))
+        # Jitter spreads a fleet's retries after a collector comes back.
+        delay = min(self.policy.max_delay, delay * random.uniform(0.75, 1.25))
+        next_attempt = now + delay
+        self._write(host, {"failures": failures, "next": next_attempt, "error": reason[:500]})
+        return next_attempt
+
+    def _write(self, host: str, state: Mapping[str, object]) -> None:
+        tmp = f"{self._path(host)}.{os.getpid()}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            json.dump(state, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, self._path(host))
+
+
+@dataclass
+class _Outgoing:
+    entry: Entry
+    fd: int
+    size: int
+    sha256: bytes
+
+
+class SharedSpool:
+    """The spool behind a lock: one Spool object serves every collector thread."""
+
+    def __init__(self, spool: Spool) -> None:
+        self.spool = spool
+        self.lock = threading.Lock()
+        self.unsynced = 0
+
+    def open_entry(self, entry: Entry) -> int:
+        with self.lock:
+            return self.spool.open_entry(entry)
+
+    def acknowledge(self, entry: Entry, host: str) -> None:
+        with self.lock:
+            self.spool.acknowledge(entry, host)
+            self.unsynced += 1
+            if self.unsynced >= ACKS_PER_COMMIT:
+                self._commit()
+
+    def commit(self) -> None:
+        with self.lock:
+            self._commit()
+
+    def _commit(self) -> None:
+        self.spool.commit()
+        self.unsynced = 0
+
+
+class Delivery:
+    """One connection to one collector, carrying every entry owed to it."""
+
+    def __init__(
+        self, config: ClientConfig, host: Host, entries: list[Entry], spool: SharedSpool
+    ) -> None:
+        self.config = config
+        self.host = host
+        self.queue = deque(entries)
+        self.spool = spool
+        self.outcome = Outcome(host.name, owed=len(entries))
+        self.outgoing: dict[int, _Outgoing] = {}
+        self.next_id = 1
+        self.conn = Connection(
+            Role.SENDER, max_frame=config.limits.frame_size, window=config.limits.window
+        )
+        # One buffer, header room first, so a frame goes out without being copied.
+        self.frame = bytearray(DATA_HEADER.size + self.conn.max_frame)
+        self.inbox = bytearray(64 * 1024)
+        self.stream: TLSStream
+
+    def run(self, connect: Callable[[Host, ClientConfig], TLSStream]) -> Outcome:
+        try:
+            self.stream = connect(self.host, self.config)
+            try:
+                self._exchange()
+            finally:
+                self.stream.close()
+        except (ShipError, TLSError) as exc:
+            self.outcome.error = str(exc)
+        except ProtocolError as exc:
+            self.outcome.error = f"protocol error: {exc}"
+            self._tell(Error.from_exception(exc))
+        except OSError as exc:
+            self.outcome.error = f"{self.host.address}:{self.host.port}: {exc.strerror or exc}"
+        finally:
+            for out in self.outgoing.values():
+                os.close(out.fd)
+            self.spool.commit()
+        return self.outcome
+
+    def _tell(self, error: Error) -> None:
+        with contextlib.suppress(TLSError, ProtocolError, OSError):
+            self.stream.sendall(self.conn.send(error))
+
+    def _exchange(self) -> None:
+        self._send(self.conn.hello())
+        reply = self._next_event()
+        if not isinstance(reply, HelloReply):
+            self._handle(reply)  # an Error: raises with the collector's reason
+            raise ShipError(f"collector answered HELLO with {type(reply).__name__}")
+        # The collector may have lowered the frame size; never send larger frames.
+        self.frame = bytearray(DATA_HEADER.size + self.conn.max_frame)
+        while True:
+            while self.queue and self.conn.can_offer:
+                self._offer(self.queue.popleft())
+            due = self.conn.data_due
+            if due is not None:
+                self._send_file(*due)
+            elif not self.queue and not self._unanswered():
+                break
+            else:
+                self._handle(self._next_event())
+        self._send(Goodbye())
+        while not isinstance(event := self._next_event(), Goodbye):
+            self._handle(event)
+
+    def _unanswered(self) -> bool:
+        return any(self.conn.file_state(i) is not None for i in self.outgoing)
+
+    def _offer(self, entry: Entry) -> None:
+        try:
+            fd = self.spool.open_entry(entry)
+        except FileNotFoundError:
+            self.outcome.owed -= 1  # acknowledged meanwhile by an earlier run
+            return
+        size = os.fstat(fd).st_size
+        digest = hash_fd(fd, size).digest()
+        file_id, self.next_id = self.next_id, self.next_id + 1
+        self.outgoing[file_id] = _Outgoing(entry, fd, size, digest)
+        self._send(Offer(file_id, entry.keyword, entry.name, size, digest))
+
+    def _send_file(self, file_id: int, remaining: int) -> None:
+        out = self.outgoing[file_id]
+        offset = out.size - remaining
+        view = memoryview(self.frame)
+        header = DATA_HEADER.size
+        while offset < out.size:
+            want = min(self.conn.max_frame, out.size - offset)
+            got = os.preadv(out.fd, [view[header : header + want]], offset)
+            if got == 0:
+                raise ShipError(f"{out.entry.keyword}/{out.entry.name} shrank while being sent")
+            view[:header] = self.conn.send_data_header(file_id, got)
+            self.stream.sendall(view[: header + got])
+            offset += got
+            self._drain_incoming()
+        self._send(EndOfData(file_id))
+
+    def _handle(self, event: Event) -> None:
+        if isinstance(event, Accept):
+            out = self.outgoing[event.file_id]
+            if event.offset:
+                self._record(journal.SHIP_RESUMED, f"resuming at byte {event.offset}", out)
+        elif isinstance(event, Stored | AlreadyStored):
+            out = self.outgoing.pop(event.file_id)
+            os.close(out.fd)
+            self.spool.acknowledge(out.entry, self.host.name)
+            if isinstance(event, Stored):
+                self.outcome.delivered += 1
+                self._record(journal.SHIP_SENT, "delivered", out)
+            else:
+                self.outcome.duplicates += 1
+                self._record(journal.SHIP_SENT, "already stored there", out)
+        elif isinstance(event, Refuse | Failed):
+            out = self.outgoing.pop(event.file_id)
+            os.close(out.fd)
+            if isinstance(event, Refuse):
+                self.outcome.refused += 1
+            else:
+                self.outcome.failed += 1
+            self._record(
+                journal.SHIP_FAILED,
+                f"{'refused' if isinstance(event, Refuse) else 'failed'}: {event.code.name}: {event.message}",
+                out,
+                priority=4,
+                reason=event.code.name,
+            )
+        elif isinstance(event, Ping):
+            self._send(Pong(event.nonce))
+        elif isinstance(event, Error):
+            raise ShipError(f"collector ended the connection: {event.code.name}: {event.message}")
+
+    def _record(
+        self, message_id: str, what: str, out: _Outgoing, *, priority: int = 6, **fields: str | int
+    ) -> None:
+        journal.send(
+            f"{out.entry.keyword}/{out.entry.name} to {self.host.name}: {what}",
+            message_id=message_id,
+            priority=priority,
+            keyword=out.entry.keyword,
+            host=self.host.name,
+            file=out.entry.name,
+            size=out.size,
+            sha256=out.sha256.hex(),
+            **fields,
+        )
+
+    # --- the stream ---
+
+    def _send(self, event: Event) -> None:
+        self.stream.sendall(self.conn.send(event))
+
+    def _next_event(self) -> Event:
+        """Block until the collector says something."""
+        while True:
+            event = self.conn.next_event()
+            if event is NEED_DATA:
+                self._fill(block=True)
+                continue
+            if isinstance(event, ConnectionClosed):
+                raise ShipError("collector closed the connection")
+            return event
+
+    def _drain_incoming(self) -> None:
+        """Handle whatever the collector has already said, without waiting."""
+        while True:
+            event = self.conn.next_event()
+            if event is NEED_DATA:
+                if not self._fill(block=False):
+                    return
+                continue
+            if isinstance(event, ConnectionClosed):
+                raise ShipError("collector closed the connection")
+            self._handle(event)
+
+    def _fill(self, *, block: bool) -> bool:
+        if not block and not _readable_now(self.stream):
+            return False
+        received = self.stream.recv_into(self.inbox)
+        self.conn.receive_data(memoryview(self.inbox)[:received] if received else b"")
+        return True
+
+
+def _readable_now(stream: TLSStream) -> bool:
+    if stream.conn.pending():
+        return True
+    poller = select.poll()
+    poller.register(stream.sock, select.POLLIN)
+    return bool(poller.poll(0))
+
+
+def connect(host: Host, config: ClientConfig) -> TLSStream:
+    """TCP, then mutual TLS, then: is this the collector we meant?"""
+    sock = socket.create_connection((host.address, host.port), timeout=config.limits.timeout)
+    try:
+        stream = TLSStream(
+            sock,
+            client_context(config.tls),
+            server_side=False,
+            timeout=config.limits.timeout,
+            server_name=None if _is_ip(host.address) else host.address,
+        )
+        check_collector(stream.handshake(), host)
+    except BaseException:
+        sock.close()
+        raise
+    return stream
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        socket.inet_pton(socket.AF_INET6 if ":" in text else socket.AF_INET, text)
+    except OSError:
+        return False
+    return True
+
+
+def plan(spool: Spool, config: ClientConfig) -> dict[str, list[Entry]]:
+    """Entries owed, grouped by the collector that is owed them."""
+    fallback = {name: kw.hosts for name, kw in config.keywords.items()}
+    by_host: dict[str, list[Entry]] = {}
+    for entry in spool.pending(fallback):
+        for host in sorted(entry.owed):
+            by_host.setdefault(host, []).append(entry)
+    return by_host
+
+
+def drain(config: ClientConfig, *, now: float | None = None) -> list[Outcome]:
+    """One pass over the spool: deliver what is due, schedule what is not."""
+    now = time.time() if now is None else now
+    spool = Spool(config.spool)
+    try:
+        spool.cleanup()
+        retry = RetryState(config.spool, config.retry)
+        shared = SharedSpool(spool)
+        outcomes: list[Outcome] = []
+        work: list[Delivery] = []
+        for name, entries in sorted(plan(spool, config).items()):
+            host = config.hosts.get(name)
+            if host is None:
+                outcomes.append(
+                    Outcome(name, owed=len(entries), error="no longer in the config; kept")
+                )
+                continue
+            deferred = retry.due(name, now)
+            if deferred is not None:
+                outcomes.append(Outcome(name, owed=len(entries), next_attempt=deferred))
+                continue
+            work.append(Delivery(config, host, entries, shared))
+        _status(f"sending to {', '.join(d.host.name for d in work) or 'nobody'}")
+        with ThreadPoolExecutor(max_workers=MAX_PARALLEL_HOSTS) as pool:
+            done = list(pool.map(lambda d: d.run(connect), work))
+        for outcome in done:
+            if outcome.complete:
+                retry.succeeded(outcome.host)
+            else:
+                reason = outcome.error or f"{outcome.refused} refused, {outcome.failed} failed"
+                outcome.next_attempt = retry.failed(outcome.host, reason, time.time())
+                journal.send(
+                    f"delivery to {outcome.host} incomplete: {reason}; retry at "
+                    f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(outcome.next_attempt))}",
+                    message_id=journal.SHIP_RETRY,
+                    priority=4,
+                    host=outcome.host,
+                    reason=reason,
+                )
+        return outcomes + done
+    finally:
+        spool.close()
+
+
+def _status(text: str) -> None:
+    """STATUS= for `systemctl status dlogd-ship`; silently nothing outside systemd."""
+    if "NOTIFY_SOCKET" not in os.environ:
+        return
+    import sdnotify
+
+    sdnotify.SystemdNotifier().notify(f"STATUS={text}")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="dlogd-ship",
+        description="Send everything the spool owes to its collectors (run by dlogd-ship.service).",
+        epilog="exit status: 0 all delivered, 75 some left for a retry, 1 could not run",
+    )
+    parser.add_argument("--config", default=DEFAULT_CLIENT_CONFIG, help="client config file")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        config = load_client(args.config)
+    except (ConfigError, OSError) as exc:
+        journal.send(
+            f"cannot load {args.config}: {exc}",
+            message_id=journal.CONFIG_ERROR,
+            priority=3,
+            path=args.config,
+        )
+        _status(f"config error: {exc}")
+        return EXIT_FAILED
+    try:
+        outcomes = drain(config)
+    except OSError as exc:
+        journal.send(
+            f"cannot drain spool {config.spool}: {exc}",
+            message_id=journal.SHIP_FAILED,
+            priority=3,
+            reason=str(exc),
+        )
+        _status(f"spool error: {exc}")
+        return EXIT_FAILED
+    pending = [o for o in outcomes if not o.complete]
+    _status("; ".join(o.summary() for o in outcomes) or "spool empty")
+    for outcome in outcomes:
+        print(outcome.summary(), file=sys.stderr)
+    return EXIT_RETRY_LATER if pending else EXIT_DELIVERED
+
+
+if __name__ == "__main__":
+    sys.exit(main())
