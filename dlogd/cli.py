@@ -92,6 +92,12 @@ def _submit(args: argparse.Namespace) -> int:
     return status
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from dlogd import demo
+
+    return demo.run(keep=args.keep)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dlogctl",
@@ -135,6 +141,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     submit.add_argument("files", nargs="+", metavar="FILE")
     submit.set_defaults(func=_submit)
+
+    demo = sub.add_parser(
+        "demo",
+        help="run the whole flow on this machine, no systemd needed",
+        description="Throwaway CA and certificates, a collector on loopback, the submit "
+        "service on a temporary socket: submit a file, ship it, show it arrive.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    demo.add_argument("--keep", action="store_true", help="keep the demo directory")
+    demo.set_defaults(func=_demo)
     return parser
 
 
