@@ -223,6 +223,8 @@ def _read_cache(cache: str) -> dict[str, Any] | None:
             return None
         if not isinstance(record["data"], dict) or not isinstance(record["files"], list):
             return None
+        if not record["files"] or not set(record["files"]) <= set(record["stamps"]):
+            return None  # every source must be stamped, or a change could go unseen
     except (OSError, KeyError, TypeError, AttributeError):
         return None  # unreadable source, or a cache of the wrong shape: validate afresh
     return record
