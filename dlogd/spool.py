@@ -41,6 +41,7 @@ _ENCODED_RE = re.compile(r"[A-Za-z0-9_+,=@%-][A-Za-z0-9._+,=@%-]{0,179}\Z")
 _HOST_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:-]{0,252}\Z")
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _OWED = ".owed"
+TRIGGER = ".submitted"
 _TMP = ".tmp"
 _NEW_PREFIX = ".new-"
 _MAX_COLLISIONS = 100_000
@@ -321,6 +322,26 @@ class Spool:
         return fd
 
     # -- draining (the shipper) --------------------------------------------------
+
+    def announce(self) -> None:
+        """Wake the shipper: closing the trigger file after a write-open is the
+        IN_CLOSE_WRITE that ``dlogd-ship.path`` (PathChanged=) waits for.
+
+        A trigger file, not the spool itself, so that a spool that stays full
+        while a collector is down does not keep re-firing the path unit.
+        """
+        try:
+            fd = os.open(
+                TRIGGER,
+                os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK,
+                0o640,
+                dir_fd=self.root_fd,
+            )
+        except OSError as e:
+            # The entry is durable and the timer will find it; only promptness is lost.
+            _warn(f"cannot touch trigger file: {e.strerror}", "-", TRIGGER)
+            return
+        os.close(fd)
 
     def keywords(self) -> list[str]:
         """Keyword directories present in the spool (symlinks and odd names skipped)."""

@@ -338,6 +338,7 @@ def _commit(spool: Spool, outcomes: list[Outcome]) -> None:
     crash_point("before-commit")
     try:
         spool.commit()
+        spool.announce()
     except OSError as e:
         # Entries linked but not known durable: answer failure so the caller
         # retries. A retry may ship the file twice, never zero times.

@@ -262,3 +262,29 @@ def test_deleted_source_is_copied(spool: Spool, tmp_path: Path) -> None:
         os.close(fd)
     assert added.copied
     assert (tmp_path / "spool/audit" / added.name).read_bytes() == b"still here"
+
+
+def test_announce_fires_close_write_on_the_trigger_file(tmp_path: Path) -> None:
+    """dlogd-ship.path (PathChanged=) wakes on IN_CLOSE_WRITE of <spool>/.submitted."""
+    import ctypes
+    import select
+    import struct
+
+    from dlogd.spool import TRIGGER
+
+    in_close_write = 0x00000008
+    libc = ctypes.CDLL(None, use_errno=True)
+    spool = Spool(str(tmp_path / "spool"), create=True)
+    spool.announce()  # creates the file; now watch it as systemd would
+    fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+    assert fd >= 0
+    try:
+        path = str(tmp_path / "spool" / TRIGGER).encode()
+        assert libc.inotify_add_watch(fd, path, in_close_write) >= 0
+        spool.announce()
+        assert select.select([fd], [], [], 2)[0], "no inotify event"
+        _wd, mask, _cookie, _len = struct.unpack("iIII", os.read(fd, 4096)[:16])
+        assert mask & in_close_write
+    finally:
+        os.close(fd)
+        spool.close()
