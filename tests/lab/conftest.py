@@ -1,0 +1,50 @@
+"""Fixtures for the lab tier: one booted :class:`labhosts.Lab` per session.
+
+Place in the flow: scenario tests under tests/lab get real systemd hosts from
+here. The checkout and venv installed into the hosts default to the repository
+these tests run from; DLOGD_LAB_CHECKOUT and DLOGD_LAB_VENV choose others.
+Every test in this directory is marked ``lab`` and ``slow``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from labhosts import REPO, Lab
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    here = Path(__file__).parent
+    for item in items:
+        if here in Path(item.path).parents:
+            item.add_marker(pytest.mark.lab)
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(scope="session")
+def lab_checkout() -> Path:
+    """The checkout whose scripts/install.sh and dlogd/ the hosts use."""
+    return Path(os.environ.get("DLOGD_LAB_CHECKOUT", str(REPO))).resolve()
+
+
+@pytest.fixture(scope="session")
+def lab_venv(lab_checkout: Path) -> Path:
+    return Path(os.environ.get("DLOGD_LAB_VENV", str(lab_checkout / ".venv")))
+
+
+@pytest.fixture(scope="session")
+def lab() -> Iterator[Lab]:
+    """Hosts logs1 (192.0.2.10), web1 (.11), web2 (.12), booted and wired."""
+    missing = [tool for tool in ("systemd-nspawn", "nsenter", "ip") if shutil.which(tool) is None]
+    if os.geteuid() != 0 or missing:
+        pytest.skip(f"lab needs root and {missing or 'these tools'}: see shared LAB.md")
+    the_lab = Lab()
+    the_lab.start()
+    try:
+        yield the_lab
+    finally:
+        the_lab.stop()
