@@ -71,6 +71,7 @@ EXIT_FAILED = 1
 EXIT_RETRY_LATER = 75
 MAX_PARALLEL_HOSTS = 8
 ACKS_PER_COMMIT = 256
+MAX_RESCANS = 3
 RETRY_DIR = ".retry"
 
 
@@ -496,6 +497,15 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FAILED
     try:
         outcomes = drain(config)
+        # dlogd-ship.path does not watch while we run: a submit made during the
+        # drain would wait for the timer. Look again while the last pass did work.
+        for _ in range(MAX_RESCANS):
+            if not any(o.delivered or o.duplicates for o in outcomes):
+                break
+            again = drain(config)
+            if not any(o.owed for o in again):
+                break
+            outcomes = again
     except OSError as exc:
         journal.send(
             f"cannot drain spool {config.spool}: {exc}",
