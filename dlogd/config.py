@@ -12,9 +12,9 @@ import hashlib
 import json
 import os
 import pwd
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
     # The parser is only needed when the cache is stale: keep it off the hot path.
@@ -100,6 +100,9 @@ class ServerConfig:
     sources: tuple[str, ...] = ()
 
 
+_Config = TypeVar("_Config", "ClientConfig", "ServerConfig")
+
+
 class ConfigError(Exception):
     """The config cannot be used; ``problems`` lists every error found."""
 
@@ -154,6 +157,19 @@ def load_server(path: str = DEFAULT_SERVER_CONFIG, cache_dir: str | None = None)
     config = _load(path, "server", cache_dir)
     assert isinstance(config, ServerConfig)
     return config
+
+
+def load_logged(loader: Callable[[str], _Config], path: str) -> tuple[_Config | None, str]:
+    """Load for a service: on failure, a CONFIG_ERROR journal record and a one-line reason."""
+    try:
+        return loader(path), ""
+    except (ConfigError, OSError) as exc:
+        from dlogd import journal
+
+        journal.send(
+            f"cannot load {path}: {exc}", message_id=journal.CONFIG_ERROR, priority=3, path=path
+        )
+        return None, (str(exc).splitlines() or [type(exc).__name__])[0]
 
 
 def _load(path: str, role: str, cache_dir: str | None) -> ClientConfig | ServerConfig:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from dlogd import journal
 from dlogd.activation import inherited_connection, listen_fds
-from dlogd.config import DEFAULT_SERVER_CONFIG, ConfigError, ServerConfig, load_server
+from dlogd.config import DEFAULT_SERVER_CONFIG, ServerConfig, load_logged, load_server
 from dlogd.protocol import (
     NEED_DATA,
     Accept,
@@ -385,15 +385,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        config = load_server(args.config)
-    except (ConfigError, OSError) as exc:
-        journal.send(
-            f"cannot load {args.config}: {exc}",
-            message_id=journal.CONFIG_ERROR,
-            priority=3,
-            path=args.config,
-        )
+    config, _ = load_logged(load_server, args.config)
+    if config is None:
         return 1
     count = listen_fds()
     if count > 1:

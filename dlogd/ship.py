@@ -40,7 +40,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from dlogd import journal
-from dlogd.config import DEFAULT_CLIENT_CONFIG, ClientConfig, ConfigError, Host, Retry, load_client
+from dlogd.config import DEFAULT_CLIENT_CONFIG, ClientConfig, Host, Retry, load_client, load_logged
 from dlogd.protocol import (
     DATA_HEADER,
     NEED_DATA,
@@ -484,16 +484,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        config = load_client(args.config)
-    except (ConfigError, OSError) as exc:
-        journal.send(
-            f"cannot load {args.config}: {exc}",
-            message_id=journal.CONFIG_ERROR,
-            priority=3,
-            path=args.config,
-        )
-        _status(f"config error: {exc}")
+    config, error = load_logged(load_client, args.config)
+    if config is None:
+        _status(f"config error: {error}")
         return EXIT_FAILED
     try:
         outcomes = drain(config)

@@ -30,7 +30,14 @@ from dataclasses import dataclass, field
 
 from dlogd import journal, submitwire
 from dlogd.activation import inherited_connection, listen_fds
-from dlogd.config import DEFAULT_CLIENT_CONFIG, ClientConfig, ClientKeyword, Limits
+from dlogd.config import (
+    DEFAULT_CLIENT_CONFIG,
+    ClientConfig,
+    ClientKeyword,
+    Limits,
+    load_client,
+    load_logged,
+)
 from dlogd.spool import Added, BadName, Spool, crash_point, entry_basename
 from dlogd.submitwire import Code, Request, Response, WireError
 
@@ -403,15 +410,7 @@ def _report_bad(reason: str, peer: Peer) -> None:
 
 
 def load(path: str) -> tuple[ClientConfig | None, str]:
-    from dlogd.config import ConfigError, load_client
-
-    try:
-        return load_client(path), ""
-    except (ConfigError, OSError) as e:
-        journal.send(
-            f"cannot load {path}: {e}", message_id=journal.CONFIG_ERROR, priority=3, path=path
-        )
-        return None, str(e).splitlines()[0] if str(e) else type(e).__name__
+    return load_logged(load_client, path)
 
 
 def serve_listening(path: str, loader: Callable[[], tuple[ClientConfig | None, str]]) -> None:
