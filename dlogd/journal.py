@@ -45,7 +45,7 @@ def send(message: str, *, message_id: str, priority: int = 6, **fields: str | in
     """
     if os.path.exists(JOURNAL_SOCKET) and _send_journal(message, message_id, priority, fields):
         return
-    _send_stderr(message, fields)
+    _send_stderr(message, {**fields, "message_id": message_id})
 
 
 def _send_journal(

@@ -50,7 +50,14 @@ from dlogd.protocol import (
     Stored,
 )
 from dlogd.store import BadName, DigestMismatch, SizeMismatch, Store, StoreError, Upload
-from dlogd.tls import PeerRefused, TLSError, TLSStream, identify_sender, server_context
+from dlogd.tls import (
+    Identity,
+    PeerRefused,
+    TLSError,
+    TLSStream,
+    identify_sender,
+    server_context,
+)
 
 MAX_BATCH_FILES = 64
 MAX_BATCH_BYTES = 256 * 1024 * 1024
@@ -279,22 +286,23 @@ def _store_code(exc: StoreError) -> Code:
 
 def serve(sock: socket.socket, config: ServerConfig) -> int:
     """Serve one accepted connection; 0 if it ended cleanly."""
-    peer = _peer_text(sock)
+    # Read the address now: once a peer hangs up, getpeername() fails.
+    peer_ip, peer = _peer_address(sock)
     try:
         stream = TLSStream(
             sock, server_context(config.tls), server_side=True, timeout=config.limits.timeout
         )
-    except TLSError as exc:
+    except (TLSError, OSError) as exc:
         _peer_refused(peer, "", f"cannot set up TLS: {exc}")
         return 1
     with stream:
         try:
             identity = stream.handshake()
-        except TLSError as exc:
-            _peer_refused(peer, "", f"TLS handshake failed: {exc}")
+        except (TLSError, OSError) as exc:
+            _peer_refused(peer, _unverified_identity(stream), f"TLS handshake failed: {exc}")
             return 1
         try:
-            host = identify_sender(identity, stream.peer_ip(), config.hosts)
+            host = identify_sender(identity, peer_ip, config.hosts)
         except PeerRefused as exc:
             _peer_refused(peer, str(identity), f"{exc.code}: {exc}")
             _tell(stream, Error(Code.PEER_NOT_ALLOWED, f"{exc.code}: not accepted here"))
@@ -306,7 +314,7 @@ def serve(sock: socket.socket, config: ServerConfig) -> int:
             _tell(stream, session.conn.send(Error.from_exception(exc)))
             _peer_refused(peer, str(identity), f"protocol error: {exc}", host=host.name)
             return 1
-        except TLSError as exc:
+        except (TLSError, OSError) as exc:
             journal.send(
                 f"connection from {host.name} ({peer}) lost: {exc}",
                 message_id=journal.RECEIVE_REFUSED,
@@ -317,6 +325,17 @@ def serve(sock: socket.socket, config: ServerConfig) -> int:
             )
             return 1
     return 0
+
+
+def _unverified_identity(stream: TLSStream) -> str:
+    """Who the refused peer claimed to be: its certificate, which did not verify."""
+    try:
+        cert = stream.conn.get_peer_certificate(as_cryptography=True)
+    except Exception:
+        return ""
+    if cert is None:
+        return "(no certificate)"
+    return f"{Identity.from_certificate(cert)} (unverified)"
 
 
 def _tell(stream: TLSStream, message: Error | bytes) -> None:
@@ -343,12 +362,15 @@ def _peer_refused(peer: str, identity: str, why: str, *, host: str = "") -> None
     )
 
 
-def _peer_text(sock: socket.socket) -> str:
+def _peer_address(sock: socket.socket) -> tuple[str | None, str]:
+    """(IP for identity checks, "ip:port" for logs)."""
     try:
         address = sock.getpeername()
     except OSError:
-        return "?"
-    return f"{address[0]}:{address[1]}" if isinstance(address, tuple) else str(address)
+        return None, "?"
+    if isinstance(address, tuple):
+        return str(address[0]), f"{address[0]}:{address[1]}"
+    return None, str(address)
 
 
 def serve_standalone(address: str, port: int, config: ServerConfig) -> None:

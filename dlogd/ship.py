@@ -62,7 +62,7 @@ from dlogd.protocol import (
     Role,
     Stored,
 )
-from dlogd.spool import Entry, Spool
+from dlogd.spool import Entry, Spool, crash_point
 from dlogd.store import hash_fd
 from dlogd.tls import TLSError, TLSStream, check_collector, client_context
 
@@ -298,6 +298,7 @@ class Delivery:
         elif isinstance(event, Stored | AlreadyStored):
             out = self.outgoing.pop(event.file_id)
             os.close(out.fd)
+            crash_point("ship-after-stored")
             self.spool.acknowledge(out.entry, self.host.name)
             if isinstance(event, Stored):
                 self.outcome.delivered += 1

@@ -36,7 +36,7 @@ from typing import TypeVar
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import NameOID
-from OpenSSL import SSL
+from OpenSSL import SSL, crypto
 
 from dlogd.config import Host, TLSFiles
 
@@ -205,7 +205,8 @@ def _load(path: str, what: str, loader: Callable[[str], object]) -> None:
 #
 # OpenSSL reports a failed chain check only as "certificate verify failed"; the
 # callback below keeps the first X509 error per connection so TLSFailure can say
-# *what* was wrong (expired, unknown issuer, ...).
+# *what* was wrong (expired, unknown issuer, ...), and keeps the leaf certificate
+# so a refusal can be logged with the identity the peer claimed (invariant 5).
 
 _X509_ERRORS = {
     2: "unable to get issuer certificate",
@@ -222,13 +223,18 @@ _X509_ERRORS = {
 
 
 def _record_verify_error(
-    conn: SSL.Connection, cert: object, errnum: int, depth: int, ok: int
+    conn: SSL.Connection, cert: crypto.X509, errnum: int, depth: int, ok: int
 ) -> bool:
-    if not ok:
-        holder = conn.get_app_data()
-        if isinstance(holder, TLSStream) and holder.verify_error is None:
-            text = _X509_ERRORS.get(errnum, f"X509 verify error {errnum}")
-            holder.verify_error = f"{text} (certificate depth {depth})"
+    holder = conn.get_app_data()
+    if not isinstance(holder, TLSStream):
+        return bool(ok)
+    certificate = cert.to_cryptography()
+    if depth == 0 and holder.presented is None:
+        holder.presented = Identity.from_certificate(certificate)
+    if not ok and holder.verify_error is None:
+        text = _X509_ERRORS.get(errnum, f"X509 verify error {errnum}")
+        subject = certificate.subject.rfc4514_string()
+        holder.verify_error = f"{text} (certificate depth {depth}: {subject})"
     return bool(ok)
 
 
@@ -359,6 +365,9 @@ class TLSStream:
         self.sock = sock
         self.timeout = timeout
         self.verify_error: str | None = None
+        # The leaf certificate the peer sent, even if it failed verification: for
+        # logging who was refused, never for deciding anything.
+        self.presented: Identity | None = None
         self._eof = False
         self._deferred: TLSError | None = None
         self.conn = SSL.Connection(context, sock)
