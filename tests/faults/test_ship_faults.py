@@ -167,11 +167,6 @@ def test_lost_spool_removal_gives_already_stored(site: Site) -> None:
     assert_stored_once(site, entry, source)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs a crash hook in ship.py: crash_point('ship-after-stored') in "
-    "Delivery._handle before spool.acknowledge (DLOGD_TEST_CRASH_AT)",
-)
 def test_shipper_killed_between_ack_and_removal(site: Site) -> None:
     collector = site.start()
     config = site.client_config([Target(COLLECTOR, collector.port)])

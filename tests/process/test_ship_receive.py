@@ -304,11 +304,6 @@ def test_collector_pin_mismatch_is_refused_by_the_shipper(site: Site) -> None:
     assert stored(collector.records()) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="receive.serve: stream.peer_ip() calls getpeername() after the handshake; a shipper "
-    "that hangs up at once (here: pin mismatch) makes it raise ENOTCONN, uncaught: traceback",
-)
 def test_shipper_hanging_up_after_the_handshake_does_not_crash_the_collector(site: Site) -> None:
     collector = site.start()
     wrong_pin = pki.fingerprint(site.pki.collector2.certificate)
