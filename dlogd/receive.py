@@ -18,7 +18,6 @@ and no acknowledgement is ever sent before its file is durable.
 from __future__ import annotations
 
 import argparse
-import select
 import socket
 import sys
 import threading
@@ -51,7 +50,6 @@ from dlogd.protocol import (
 )
 from dlogd.store import BadName, DigestMismatch, SizeMismatch, Store, StoreError, Upload
 from dlogd.tls import (
-    Identity,
     PeerRefused,
     TLSError,
     TLSStream,
@@ -97,7 +95,7 @@ class Session:
             while True:
                 event = self.conn.next_event()
                 if event is NEED_DATA:
-                    if self.batch and not _readable_now(self.stream):
+                    if self.batch and not self.stream.readable_now():
                         self._commit()
                     received = self.stream.recv_into(buffer)
                     self.conn.receive_data(view[:received] if received else b"")
@@ -265,15 +263,6 @@ class Session:
         )
 
 
-def _readable_now(stream: TLSStream) -> bool:
-    """More from the shipper already here? Then the batch can grow before a flush."""
-    if stream.conn.pending():
-        return True
-    poller = select.poll()
-    poller.register(stream.sock, select.POLLIN)
-    return bool(poller.poll(0))
-
-
 def _store_code(exc: StoreError) -> Code:
     if isinstance(exc, DigestMismatch):
         return Code.DIGEST_MISMATCH
@@ -329,13 +318,7 @@ def serve(sock: socket.socket, config: ServerConfig) -> int:
 
 def _unverified_identity(stream: TLSStream) -> str:
     """Who the refused peer claimed to be: its certificate, which did not verify."""
-    try:
-        cert = stream.conn.get_peer_certificate(as_cryptography=True)
-    except Exception:
-        return ""
-    if cert is None:
-        return "(no certificate)"
-    return f"{Identity.from_certificate(cert)} (unverified)"
+    return f"{stream.presented} (unverified)" if stream.presented else "(no certificate)"
 
 
 def _tell(stream: TLSStream, message: Error | bytes) -> None:
@@ -345,7 +328,7 @@ def _tell(stream: TLSStream, message: Error | bytes) -> None:
     data = encode(message) if isinstance(message, Error) else message
     try:
         stream.sendall(data)
-        stream.shutdown()
+        stream.shutdown(discard=True)  # the peer may still be sending
     except TLSError:
         pass
 

@@ -29,7 +29,6 @@ import contextlib
 import json
 import os
 import random
-import select
 import socket
 import sys
 import threading
@@ -369,19 +368,11 @@ class Delivery:
             self._handle(event)
 
     def _fill(self, *, block: bool) -> bool:
-        if not block and not _readable_now(self.stream):
+        if not block and not self.stream.readable_now():
             return False
         received = self.stream.recv_into(self.inbox)
         self.conn.receive_data(memoryview(self.inbox)[:received] if received else b"")
         return True
-
-
-def _readable_now(stream: TLSStream) -> bool:
-    if stream.conn.pending():
-        return True
-    poller = select.poll()
-    poller.register(stream.sock, select.POLLIN)
-    return bool(poller.poll(0))
 
 
 def connect(host: Host, config: ClientConfig) -> TLSStream:

@@ -360,7 +360,9 @@ class TLSStream:
         timeout: float,
         server_name: str | None = None,
     ) -> None:
-        _check_stream_socket(sock)
+        # Taken now: once the peer hangs up, getpeername() fails with ENOTCONN, yet a
+        # refusal must still be logged with the address it came from.
+        self._peer_ip = _peer_ip_of(sock)
         sock.setblocking(False)
         self.sock = sock
         self.timeout = timeout
@@ -406,10 +408,7 @@ class TLSStream:
 
     def peer_ip(self) -> str | None:
         """The peer's IP address, or None for a non-IP (Unix) socket."""
-        if self.sock.family not in (socket.AF_INET, socket.AF_INET6):
-            return None
-        address = self.sock.getpeername()
-        return str(address[0])
+        return self._peer_ip
 
     def handshake(self) -> Identity:
         """Complete the handshake and return the verified peer's identity."""
@@ -553,11 +552,17 @@ def _closed(e: SSL.SysCallError, what: str) -> PeerClosed:
     return PeerClosed(f"{what}: connection ended without TLS close_notify")
 
 
-def _check_stream_socket(sock: socket.socket) -> None:
-    # An inherited fd could be anything; find out now rather than mid-handshake.
+def _peer_ip_of(sock: socket.socket) -> str | None:
+    """The peer's IP (None for a Unix socket), checking that *sock* is a connected stream.
+
+    An inherited fd could be anything; find out now rather than mid-handshake.
+    """
     if sock.type != socket.SOCK_STREAM:
         raise TLSFailure(f"fd {sock.fileno()} is not a stream socket")
     try:
-        sock.getpeername()
+        address = sock.getpeername()
     except OSError as e:
         raise TLSFailure(f"fd {sock.fileno()} is not a connected socket: {e.strerror}") from None
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return None
+    return str(address[0])

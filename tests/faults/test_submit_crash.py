@@ -66,7 +66,8 @@ def run_instance(tmp_path: Path, keyword: str, source: Path, crash_at: str) -> t
 def on_disk(root: Path) -> tuple[set[str], dict[str, frozenset[str]]]:
     """Entries and owed marker sets as the file system has them, without the Spool class."""
     entries, owed = set(), {}
-    for kw in root.iterdir():
+    # Dot names at the root are the spool's own (the ship trigger, retry state).
+    for kw in (p for p in root.iterdir() if not p.name.startswith(".")):
         entries |= {f"{kw.name}/{p.name}" for p in kw.iterdir() if not p.name.startswith(".")}
         for d in (kw / ".owed").iterdir():
             owed[f"{kw.name}/{d.name}"] = frozenset(p.name for p in d.iterdir())

@@ -13,6 +13,7 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+import labfleet
 import pytest
 from labhosts import REPO, Lab
 
@@ -48,3 +49,15 @@ def lab() -> Iterator[Lab]:
         yield the_lab
     finally:
         the_lab.stop()
+
+
+@pytest.fixture(scope="session")
+def fleet(
+    lab: Lab, lab_checkout: Path, lab_venv: Path, tmp_path_factory: pytest.TempPathFactory
+) -> labfleet.Fleet:
+    """logs1 collecting "audit" from web1 and web2, all of dlogd installed and started.
+
+    The retry timer of the clients runs every few seconds (a test drop-in).
+    """
+    pki_dir = tmp_path_factory.mktemp("lab-pki")
+    return labfleet.install_fleet(lab, lab_checkout, lab_venv, pki_dir, fast_timer=True)

@@ -233,13 +233,21 @@ def start_units(host: LabHost, units: Sequence[str]) -> None:
 # -- looking at what happened ---------------------------------------------------
 
 
-def records(host: LabHost, message_id: str, **fields: str) -> list[dict[str, str]]:
-    """dlogd's journal records with ``message_id`` whose DLOGD_* fields match."""
+def records(
+    host: LabHost, message_id: str, /, *, since: float = 0.0, **fields: str
+) -> list[dict[str, str]]:
+    """dlogd's journal records with ``message_id`` whose DLOGD_* fields match.
+
+    ``since`` is a Unix time: older records are left out (hosts share this
+    machine's clock).
+    """
     wanted = {f"DLOGD_{k.upper()}": v for k, v in fields.items()}
     return [
         e
         for e in host.journal("dlogd*")
-        if e.get("MESSAGE_ID") == message_id and all(e.get(k) == v for k, v in wanted.items())
+        if e.get("MESSAGE_ID") == message_id
+        and int(e["__REALTIME_TIMESTAMP"]) >= since * 1e6
+        and all(e.get(k) == v for k, v in wanted.items())
     ]
 
 
