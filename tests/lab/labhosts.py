@@ -148,6 +148,11 @@ class LabHost:
             "--register=no", "--keep-unit", "--link-journal=no", "--console=pipe",
             f"--network-namespace-path=/run/netns/{self.netns}",
         ]  # fmt: skip
+        # nspawn mounts a fresh tmpfs on /tmp and /var/tmp: a checkout there (as a
+        # CI clone may be) would vanish from the hosts, so bind it in read-only.
+        checkout = Path(os.environ.get("DLOGD_LAB_CHECKOUT", str(REPO)))
+        if checkout.is_relative_to("/tmp") or checkout.is_relative_to("/var/tmp"):
+            argv.append(f"--bind-ro={checkout}")
         with self.log_path.open("ab") as log:
             self.nspawn = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
@@ -408,11 +413,27 @@ class Lab:
 
     def stop(self) -> None:
         """Tear everything down; safe to call twice and after a failed start."""
+        if self._lock is None:
+            # Not ours: without the lock, "leftovers" may be another session's
+            # running lab (a start that found the lock taken must not kill it).
+            return
         try:
             for host in self.hosts.values():
                 host.shutdown()
             for host in self.hosts.values():
                 host.unmount()
+            cleanup_leftovers()
+        finally:
+            self._release_lock()
+
+    def remove_leftovers(self) -> None:
+        """Remove a lab that an earlier run left (killed, or kept on purpose).
+
+        Takes the lock first, so a lab that another session is using right
+        now is never touched (that raises :class:`LabError` instead).
+        """
+        self._take_lock()
+        try:
             cleanup_leftovers()
         finally:
             self._release_lock()
