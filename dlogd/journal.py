@@ -79,6 +79,8 @@ def _send_stderr(message: str, fields: dict[str, str | int]) -> None:
 
 def escape(text: str) -> str:
     """Control characters and backslashes as escapes, so a hostile name cannot forge lines."""
+    if text.isascii() and text.isprintable() and "\\" not in text:
+        return text  # the common case, without a call per character
     return "".join(_escape_char(c) for c in text)
 
 

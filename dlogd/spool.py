@@ -152,6 +152,7 @@ class Spool:
         self.root_fd = os.open(root, _DIR_FLAGS)
         self._dirs: dict[str, _KeywordDir] = {}
         self._touched: dict[int, None] = {}  # ordered set of dir fds awaiting fsync
+        self._finished: list[tuple[_KeywordDir, str]] = []  # entries gone, owed dirs to drop
 
     def close(self) -> None:
         for kdir in self._dirs.values():
@@ -305,6 +306,12 @@ class Spool:
 
     def commit(self) -> None:
         """Make every add and acknowledge since the last commit durable."""
+        self._sync_touched()
+        if self._finished:
+            self._remove_finished()
+            self._sync_touched()
+
+    def _sync_touched(self) -> None:
         while self._touched:
             fd = next(iter(self._touched))
             os.fsync(fd)
@@ -441,14 +448,22 @@ class Spool:
     def _finish(self, kdir: _KeywordDir, name: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(name, dir_fd=kdir.fd)
-        os.fsync(kdir.fd)  # the entry must be gone before its markers are
-        try:
-            os.rmdir(name, dir_fd=kdir.owed)
-        except OSError as e:
-            # ENOTEMPTY: a new submit in the same second reused the name meanwhile.
-            if e.errno not in (errno.ENOENT, errno.ENOTEMPTY, errno.EEXIST):
-                raise
-        self._touched[kdir.owed] = None
+        # The markers go only after the entry's removal is durable (commit), so
+        # no crash leaves an entry that looks owed to nobody. Deferring both to
+        # commit() makes a stream of acknowledgements cost one flush per batch.
+        self._touched[kdir.fd] = None
+        self._finished.append((kdir, name))
+
+    def _remove_finished(self) -> None:
+        for kdir, name in self._finished:
+            try:
+                os.rmdir(name, dir_fd=kdir.owed)
+            except OSError as e:
+                # ENOTEMPTY: a new submit in the same second reused the name meanwhile.
+                if e.errno not in (errno.ENOENT, errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+            self._touched[kdir.owed] = None
+        self._finished.clear()
 
     def cleanup(self) -> int:
         """Remove what crashes leave behind; returns how many items were removed.
