@@ -433,7 +433,11 @@ def drain(config: ClientConfig, *, now: float | None = None) -> list[Outcome]:
                 outcomes.append(Outcome(name, owed=len(entries), next_attempt=deferred))
                 continue
             work.append(Delivery(config, host, entries, shared))
-        _status(f"sending to {', '.join(d.host.name for d in work) or 'nobody'}")
+        sending = [f"{len(d.queue)} files to {d.host.name}" for d in work]
+        waiting = [o.summary() for o in outcomes]
+        _status(
+            "; ".join([f"sending {', '.join(sending)}" if sending else "nothing due", *waiting])
+        )
         with ThreadPoolExecutor(max_workers=MAX_PARALLEL_HOSTS) as pool:
             done = list(pool.map(lambda d: d.run(connect), work))
         for outcome in done:

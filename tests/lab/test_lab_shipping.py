@@ -156,6 +156,25 @@ def test_refused_submits_are_journalled_and_never_shipped(fleet: Fleet) -> None:
     assert not records(web1, journal.SHIP_SENT, since=started, file="mallory.log")
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="dlogd/store.py names a partial upload by (sha256, size) only: the first commit "
+    "of two same-content files in one connection drops the partial the second still needs "
+    "(ENOENT at link time); the file arrives only after a retry. Remove this mark with the fix.",
+)
+def test_files_with_identical_content_in_one_drain_are_each_stored_first_time(
+    fleet: Fleet,
+) -> None:
+    """Two empty files (or a log and its copy) are everyday cases, not edge cases."""
+    web1 = fleet.lab["web1"]
+    started = time.time()
+    paths = [app_file(web1, "alice", f"twin-{n}.log", 0) for n in range(2)]
+    files = accepted(fleet.submit_py(web1, "alice", KEYWORD, *paths), paths)
+    assert_arrived_identical(fleet, web1, files)
+    failed = records(web1, journal.SHIP_FAILED, since=started)
+    assert [r["MESSAGE"] for r in failed] == []
+
+
 # -- the collector unreachable -------------------------------------------------
 
 
@@ -180,7 +199,7 @@ FAULTS = {"socket-stopped": stop_collector_socket, "link-cut": cut_collector_lin
 def outage(request: pytest.FixtureRequest, fleet: Fleet) -> Iterator[Callable[[], None]]:
     """The collector unreachable from web1; yields the function that ends it."""
     web1 = fleet.lab["web1"]
-    assert retry_state(web1) is None, "an earlier test left web1 backing off"
+    wait_out_backoff(web1)
     end = FAULTS[request.param](fleet)
     ended = False
 
@@ -194,6 +213,12 @@ def outage(request: pytest.FixtureRequest, fleet: Fleet) -> Iterator[Callable[[]
         yield end_once
     finally:
         end_once()
+
+
+def wait_out_backoff(host: LabHost) -> None:
+    """Start from a clean slate: an earlier test's retry must have succeeded first."""
+    wait_until(lambda: retry_state(host) is None, RECOVERY_TIMEOUT,
+               f"{host.name} to finish backing off from an earlier test")  # fmt: skip
 
 
 def finished_ship_run(host: LabHost) -> dict[str, str]:
@@ -313,7 +338,7 @@ def test_two_clients_ship_batches_at_once_none_missing_none_duplicated(fleet: Fl
 
 def test_backlog_in_the_spool_drains_after_the_client_reboots(fleet: Fleet) -> None:
     web1, logs1 = fleet.lab["web1"], fleet.collector
-    assert retry_state(web1) is None, "an earlier test left web1 backing off"
+    wait_out_backoff(web1)
     restart_collector = stop_collector_socket(fleet)
     try:
         paths = [app_file(web1, "alice", f"before-reboot-{i}.log", 20_000) for i in range(3)]
