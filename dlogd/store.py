@@ -11,7 +11,7 @@ acknowledges it:
 
 So a reader of the directory never sees a partial file (invariant 2), and an
 acknowledged file survives a crash (invariant 1). A partial upload is keyed by
-its content (digest and size), so a resend after a crash resumes where the data
+its offer (digest, size and name), so a resend after a crash resumes where the data
 stopped. A different file arriving under a taken name is kept as
 ``<name>.conflict-<n>``, never overwriting. Directories are opened one component
 at a time with O_NOFOLLOW: a symlink anywhere on the path is refused.
@@ -136,14 +136,14 @@ class Offered:
 
 
 class Upload:
-    """One file being received into ``.dlogd-partial/<sha256>-<size>``."""
+    """One file being received into ``.dlogd-partial/<sha256>-<size>-<name tag>``."""
 
     def __init__(self, store: Store, name: str, size: int, sha256: bytes, offset: int) -> None:
         self.store = store
         self.name = name
         self.size = size
         self.sha256 = sha256
-        self.partial = _partial_name(sha256, size)
+        self.partial = _partial_name(name, sha256, size)
         self.fd = os.open(
             self.partial,
             os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
@@ -203,8 +203,11 @@ class Upload:
             self.fd = -1
 
 
-def _partial_name(sha256: bytes, size: int) -> str:
-    return f"{sha256.hex()}-{size}"
+def _partial_name(name: str, sha256: bytes, size: int) -> str:
+    """Keyed by what is offered, so a resend resumes; the name is in the key because
+    two files of one content may be in flight on one connection at once."""
+    tag = hashlib.sha256(name.encode()).hexdigest()[:16]
+    return f"{sha256.hex()}-{size}-{tag}"
 
 
 class Store:
@@ -236,9 +239,9 @@ class Store:
         try:
             identical = self._find_identical(name, size, sha256)
             if identical is not None:
-                self._drop_partial(sha256, size)
+                self._drop_partial(name, sha256, size)
                 return Offered(identical, 0)
-            return Offered(None, self._partial_size(sha256, size))
+            return Offered(None, self._partial_size(name, sha256, size))
         except OSError as exc:
             raise StoreError(f"{name}: {exc.strerror}", temporary=_temporary(exc)) from None
 
@@ -272,7 +275,7 @@ class Store:
             ) from None
         for upload in batch:
             upload.close()
-            self._drop_partial(upload.sha256, upload.size)
+            self._drop_partial(upload.name, upload.sha256, upload.size)
         return batch
 
     def _link_into_place(self, upload: Upload) -> str:
@@ -324,19 +327,21 @@ class Store:
         finally:
             os.close(fd)
 
-    def _partial_size(self, sha256: bytes, size: int) -> int:
+    def _partial_size(self, name: str, sha256: bytes, size: int) -> int:
         try:
-            st = os.stat(_partial_name(sha256, size), dir_fd=self.partial_fd, follow_symlinks=False)
+            st = os.stat(
+                _partial_name(name, sha256, size), dir_fd=self.partial_fd, follow_symlinks=False
+            )
         except FileNotFoundError:
             return 0
         if not stat.S_ISREG(st.st_mode) or st.st_size > size:
-            self._drop_partial(sha256, size)
+            self._drop_partial(name, sha256, size)
             return 0
         return st.st_size
 
-    def _drop_partial(self, sha256: bytes, size: int) -> None:
+    def _drop_partial(self, name: str, sha256: bytes, size: int) -> None:
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(_partial_name(sha256, size), dir_fd=self.partial_fd)
+            os.unlink(_partial_name(name, sha256, size), dir_fd=self.partial_fd)
 
 
 def _candidates(name: str) -> Iterator[str]:

@@ -380,6 +380,8 @@ def _report(outcome: Outcome, peer: Peer) -> None:
             pid=peer.pid,
             path=path,
             entry=added.path,
+            # The name the shipper and collector log it under: one field follows it.
+            file=added.name,
             size=added.size,
         )
     else:

@@ -280,6 +280,9 @@ def start_activated_collector(config: Path, workdir: Path, *, tag: str = "") -> 
         "-l",
         f"{LOOPBACK}:{port}",
         "--accept",
+        # The activated child gets a fresh environment: pass the cache on.
+        "-E",
+        "DLOGD_CACHE_DIR",
         sys.executable,
         "-m",
         "dlogd.receive",

@@ -156,12 +156,6 @@ def test_refused_submits_are_journalled_and_never_shipped(fleet: Fleet) -> None:
     assert not records(web1, journal.SHIP_SENT, since=started, file="mallory.log")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="dlogd/store.py names a partial upload by (sha256, size) only: the first commit "
-    "of two same-content files in one connection drops the partial the second still needs "
-    "(ENOENT at link time); the file arrives only after a retry. Remove this mark with the fix.",
-)
 def test_files_with_identical_content_in_one_drain_are_each_stored_first_time(
     fleet: Fleet,
 ) -> None:
