@@ -12,11 +12,14 @@ $(VENV)/.ready: pyproject.toml scripts/setup.sh
 
 setup: $(VENV)/.ready
 
+# Boots three real systemd hosts (root, systemd-nspawn), ships a file from one
+# to another and says where to look. `dlogctl demo` is the same flow without systemd.
 demo: setup
-	$(PY) -m dlogd.cli demo
+	$(MAKE) -C clib all test-program
+	$(PY) scripts/lab-demo.py
 
 clib:
-	$(MAKE) -C clib
+	$(MAKE) -C clib all test-program
 
 lint: setup
 	$(VENV)/bin/ruff check dlogd tests
