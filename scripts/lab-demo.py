@@ -31,6 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests" / "lab")]
 
 import labfleet  # noqa: E402
+import labhosts  # noqa: E402
 from labhosts import Lab, LabError, LabHost  # noqa: E402
 
 from dlogd import journal  # noqa: E402
@@ -61,13 +62,13 @@ def submit_both_ways(fleet: labfleet.Fleet, web1: LabHost) -> list[str]:
         lines = b"".join(b"%d.%d user=alice action=login ok\n" % (n, i) for i in range(20_000))
         web1.write_file(path, lines, 0o600, owner="alice")
         say(f"   {path}: {len(lines)} bytes, mode 0600, owned by alice")
-    program = fleet.checkout / labfleet.CLIB_PROGRAM
+    program = labhosts.in_lab(fleet.checkout / labfleet.CLIB_PROGRAM)
     [c_answer] = fleet.submit_c(web1, "alice", labfleet.KEYWORD, DEMO_FILES[0])
     say(f"   C:      {program} audit {DEMO_FILES[0]}   (as alice)\n           -> {c_answer}")
     py = web1.run(
         [labfleet.APP_PYTHON, "-c", PY_SUBMIT, DEMO_FILES[1]],
         user="alice",
-        env={"PYTHONPATH": str(fleet.checkout)},
+        env={"PYTHONPATH": str(labhosts.in_lab(fleet.checkout))},
     ).stdout.strip()
     say(f"   Python: python3 -c {shlex.quote(PY_SUBMIT)} {DEMO_FILES[1]}\n           -> {py}")
     if not c_answer.startswith("OK audit/"):

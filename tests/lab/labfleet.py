@@ -22,7 +22,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from labhosts import Lab, LabError, LabHost, wait_until
+from labhosts import Lab, LabError, LabHost, in_lab, wait_until
 
 from dlogd import pki
 
@@ -73,7 +73,7 @@ class Fleet:
 
     def submit_c(self, host: LabHost, user: str, keyword: str, *paths: str) -> list[str]:
         """Submit through libdlogd as ``user``; one "OK entry" / "ERR NAME msg" per path."""
-        program = str(self.checkout / CLIB_PROGRAM)
+        program = str(in_lab(self.checkout / CLIB_PROGRAM))
         done = host.run([program, keyword, *paths], user=user, check=False)
         if done.returncode not in (0, 1):
             raise LabError(f"{host.name}: {program} exited {done.returncode}: {done.stderr}")
@@ -90,7 +90,7 @@ class Fleet:
         done = host.run(
             [APP_PYTHON, "-c", code, keyword, *paths],
             user=user,
-            env={"PYTHONPATH": str(self.checkout)},
+            env={"PYTHONPATH": str(in_lab(self.checkout))},
         )
         return done.stdout.splitlines()
 
@@ -127,7 +127,7 @@ def install_fleet(
         alice_uid = add_test_users(client)
         uids.add(alice_uid)
         install_tls(client, pki_dir)
-        make_checkout_reachable(client, checkout)
+        make_checkout_reachable(client, in_lab(checkout))
         if fast_timer:
             client.write_file(FAST_TIMER_DROPIN, fast_timer_dropin())
             client.run(["systemctl", "daemon-reload"])

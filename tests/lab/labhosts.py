@@ -41,6 +41,20 @@ DEFAULT_HOSTS: Mapping[str, str] = {
     "web2": "192.0.2.12",
 }
 REPO = Path(__file__).resolve().parents[2]
+HOST_CHECKOUT = Path(os.environ.get("DLOGD_LAB_CHECKOUT", str(REPO)))
+# nspawn gives each host a fresh /tmp, and dlogd's units PrivateTmp= on top: a
+# checkout under /tmp (as a CI clone may be) is bound in at a fixed place instead.
+_UNDER_TMP = HOST_CHECKOUT.is_relative_to("/tmp") or HOST_CHECKOUT.is_relative_to("/var/tmp")
+LAB_CHECKOUT = Path("/opt/dlogd-lab-checkout") if _UNDER_TMP else HOST_CHECKOUT
+
+
+def in_lab(path: Path) -> Path:
+    """Where the hosts see ``path`` (a path of this machine's checkout, or any other)."""
+    if path.is_relative_to(HOST_CHECKOUT):
+        return LAB_CHECKOUT / path.relative_to(HOST_CHECKOUT)
+    return path
+
+
 # Units of this machine that only slow a lab host down or fail in a container.
 DEFAULT_MASKS = (
     "postgresql.service",
@@ -148,11 +162,8 @@ class LabHost:
             "--register=no", "--keep-unit", "--link-journal=no", "--console=pipe",
             f"--network-namespace-path=/run/netns/{self.netns}",
         ]  # fmt: skip
-        # nspawn mounts a fresh tmpfs on /tmp and /var/tmp: a checkout there (as a
-        # CI clone may be) would vanish from the hosts, so bind it in read-only.
-        checkout = Path(os.environ.get("DLOGD_LAB_CHECKOUT", str(REPO)))
-        if checkout.is_relative_to("/tmp") or checkout.is_relative_to("/var/tmp"):
-            argv.append(f"--bind-ro={checkout}")
+        if LAB_CHECKOUT != HOST_CHECKOUT:
+            argv.append(f"--bind-ro={HOST_CHECKOUT}:{LAB_CHECKOUT}")
         with self.log_path.open("ab") as log:
             self.nspawn = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
@@ -353,8 +364,9 @@ class LabHost:
         hardlink: bool = False,
     ) -> None:
         """Run the checkout's ``scripts/install.sh`` inside this host."""
+        checkout, venv = in_lab(checkout), in_lab(venv or checkout / ".venv")
         argv = ["sh", str(checkout / "scripts" / "install.sh"), f"--{role}"]
-        argv += ["--source", str(checkout), "--venv", str(venv or checkout / ".venv")]
+        argv += ["--source", str(checkout), "--venv", str(venv)]
         argv += ["--hardlink"] if hardlink else []
         self.run(argv)
 

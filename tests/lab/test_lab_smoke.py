@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from labhosts import Lab, LabHost, wait_until
+from labhosts import Lab, LabHost, in_lab, wait_until
 
 PROBE_DIR = "/usr/local/lib/dlogd-probe"
 CONNECT = "import socket, sys; socket.create_connection((sys.argv[1], 7878), timeout=5).close()"
@@ -91,7 +91,7 @@ def tree_digest(host: LabHost) -> str:
 def test_hosts_boot_resolve_each_other_and_share_the_checkout(lab: Lab, lab_checkout: Path) -> None:
     for host in lab.hosts.values():
         assert host.run(["hostname"]).stdout.strip() == host.name
-        host.run(["test", "-f", str(lab_checkout / "scripts" / "install.sh")])
+        host.run(["test", "-f", str(in_lab(lab_checkout / "scripts" / "install.sh"))])
         for other in lab.hosts.values():
             assert host.run(["getent", "hosts", other.name]).stdout.split()[0] == other.address
     machine_ids = {h.read_file("/etc/machine-id") for h in lab.hosts.values()}
@@ -211,7 +211,7 @@ def remove_probes(host: LabHost) -> None:
 @pytest.fixture
 def probes(installed: Lab, lab_checkout: Path, lab_venv: Path) -> Iterator[Lab]:
     """web1 (copy mode), web2 (hard-link mode), logs1 with probes as services."""
-    python = lab_venv / "bin" / "python"
+    python = in_lab(lab_venv / "bin" / "python")
     # Hard-link mode runs the interpreter without a private view of /root; a
     # pyenv interpreter under /root (as on the dev machines) must be reachable
     # by "dlogd". Only in the container's overlay, not on this machine.
