@@ -87,6 +87,7 @@ class Session:
         self.batch: dict[Upload, Offer] = {}  # finished, not yet durable
         self.batch_bytes = 0
         self.stored = 0
+        self.outbox = bytearray()
 
     def run(self) -> None:
         buffer = bytearray(self.conn.max_frame + 64 * 1024)
@@ -97,6 +98,7 @@ class Session:
                 if event is NEED_DATA:
                     if self.batch and not self.stream.readable_now():
                         self._commit()
+                    self._flush()  # never wait for the peer with answers unsent
                     received = self.stream.recv_into(buffer)
                     self.conn.receive_data(view[:received] if received else b"")
                     continue
@@ -106,6 +108,7 @@ class Session:
                 if isinstance(event, Goodbye):
                     self._commit()
                     self._send(Goodbye())
+                    self._flush()
                     self.stream.shutdown()
                     return
                 self._handle(event)
@@ -125,7 +128,13 @@ class Session:
             self._send(Pong(event.nonce))
 
     def _send(self, event: Event) -> None:
-        self.stream.sendall(self.conn.send(event))
+        # Answers to one read go out together: one TLS record, not one per file.
+        self.outbox += self.conn.send(event)
+
+    def _flush(self) -> None:
+        if self.outbox:
+            self.stream.sendall(self.outbox)
+            self.outbox.clear()
 
     # --- offers ---
 
@@ -300,7 +309,8 @@ def serve(sock: socket.socket, config: ServerConfig) -> int:
         try:
             session.run()
         except ProtocolError as exc:
-            _tell(stream, session.conn.send(Error.from_exception(exc)))
+            # Answers already due go first, then why the connection ends.
+            _tell(stream, bytes(session.outbox) + session.conn.send(Error.from_exception(exc)))
             _peer_refused(peer, str(identity), f"protocol error: {exc}", host=host.name)
             return 1
         except (TLSError, OSError) as exc:

@@ -28,6 +28,7 @@ import argparse
 import contextlib
 import json
 import os
+import queue
 import random
 import socket
 import sys
@@ -71,6 +72,8 @@ EXIT_RETRY_LATER = 75
 MAX_PARALLEL_HOSTS = 8
 ACKS_PER_COMMIT = 256
 MAX_RESCANS = 3
+SMALL_FRAME = 16 * 1024
+OUTBOX_LIMIT = 256 * 1024
 RETRY_DIR = ".retry"
 
 
@@ -164,27 +167,55 @@ class _Outgoing:
 
 
 class SharedSpool:
-    """The spool behind a lock: one Spool object serves every collector thread."""
+    """The spool behind a lock: one Spool object serves every collector thread.
+
+    Acknowledgements are applied by a thread of their own: removing an entry
+    is several file system operations, and doing them between sends would
+    stall the connection. They are durable only after :meth:`commit`, as
+    before; a crash before it means at worst a resend, which the collector
+    answers with ALREADY_STORED.
+    """
 
     def __init__(self, spool: Spool) -> None:
         self.spool = spool
         self.lock = threading.Lock()
         self.unsynced = 0
+        self.acks: queue.Queue[tuple[Entry, str] | None] = queue.Queue()
+        self.worker = threading.Thread(target=self._apply_acks, name="acks", daemon=True)
+        self.worker.start()
+        self.failure: OSError | None = None
 
     def open_entry(self, entry: Entry) -> int:
         with self.lock:
             return self.spool.open_entry(entry)
 
     def acknowledge(self, entry: Entry, host: str) -> None:
-        with self.lock:
-            self.spool.acknowledge(entry, host)
-            self.unsynced += 1
-            if self.unsynced >= ACKS_PER_COMMIT:
-                self._commit()
+        self.acks.put((entry, host))
+
+    def _apply_acks(self) -> None:
+        while (item := self.acks.get()) is not None:
+            try:
+                with self.lock:
+                    self.spool.acknowledge(*item)
+                    self.unsynced += 1
+                    if self.unsynced >= ACKS_PER_COMMIT:
+                        self._commit()
+            except OSError as exc:
+                self.failure = exc  # the entry stays owed: resent, then recognised
+            finally:
+                self.acks.task_done()
+        self.acks.task_done()
 
     def commit(self) -> None:
+        """Every acknowledgement so far applied and durable."""
+        self.acks.join()
         with self.lock:
             self._commit()
+
+    def close(self) -> None:
+        self.commit()
+        self.acks.put(None)
+        self.worker.join()
 
     def _commit(self) -> None:
         self.spool.commit()
@@ -210,6 +241,7 @@ class Delivery:
         # One buffer, header room first, so a frame goes out without being copied.
         self.frame = bytearray(DATA_HEADER.size + self.conn.max_frame)
         self.inbox = bytearray(64 * 1024)
+        self.outbox = bytearray()
         self.stream: TLSStream
 
     def run(self, connect: Callable[[Host, ClientConfig], TLSStream]) -> Outcome:
@@ -284,7 +316,11 @@ class Delivery:
             if got == 0:
                 raise ShipError(f"{out.entry.keyword}/{out.entry.name} shrank while being sent")
             view[:header] = self.conn.send_data_header(file_id, got)
-            self.stream.sendall(view[: header + got])
+            if got <= SMALL_FRAME:
+                self.outbox += view[: header + got]  # goes out with its neighbours
+            else:
+                self._flush()
+                self.stream.sendall(view[: header + got])
             offset += got
             self._drain_incoming()
         self._send(EndOfData(file_id))
@@ -342,7 +378,16 @@ class Delivery:
     # --- the stream ---
 
     def _send(self, event: Event) -> None:
-        self.stream.sendall(self.conn.send(event))
+        # Small messages are gathered and go out as one TLS record when we would
+        # otherwise wait, or when enough has piled up.
+        self.outbox += self.conn.send(event)
+        if len(self.outbox) >= OUTBOX_LIMIT:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self.outbox:
+            self.stream.sendall(self.outbox)
+            self.outbox.clear()
 
     def _next_event(self) -> Event:
         """Block until the collector says something."""
@@ -370,6 +415,8 @@ class Delivery:
     def _fill(self, *, block: bool) -> bool:
         if not block and not self.stream.readable_now():
             return False
+        if block:
+            self._flush()  # never wait for the collector with our messages unsent
         received = self.stream.recv_into(self.inbox)
         self.conn.receive_data(memoryview(self.inbox)[:received] if received else b"")
         return True
@@ -419,44 +466,73 @@ def drain(config: ClientConfig, *, now: float | None = None) -> list[Outcome]:
         spool.cleanup()
         retry = RetryState(config.spool, config.retry)
         shared = SharedSpool(spool)
-        outcomes: list[Outcome] = []
-        work: list[Delivery] = []
-        for name, entries in sorted(plan(spool, config).items()):
-            host = config.hosts.get(name)
-            if host is None:
-                outcomes.append(
-                    Outcome(name, owed=len(entries), error="no longer in the config; kept")
-                )
-                continue
-            deferred = retry.due(name, now)
-            if deferred is not None:
-                outcomes.append(Outcome(name, owed=len(entries), next_attempt=deferred))
-                continue
-            work.append(Delivery(config, host, entries, shared))
-        sending = [f"{len(d.queue)} files to {d.host.name}" for d in work]
-        waiting = [o.summary() for o in outcomes]
-        _status(
-            "; ".join([f"sending {', '.join(sending)}" if sending else "nothing due", *waiting])
-        )
-        with ThreadPoolExecutor(max_workers=MAX_PARALLEL_HOSTS) as pool:
-            done = list(pool.map(lambda d: d.run(connect), work))
+        try:
+            work, waiting = _assign(config, plan(spool, config), retry, shared, now)
+            sending = [f"{len(d.queue)} files to {d.host.name}" for d in work]
+            _status("; ".join([f"sending {', '.join(sending)}" if sending else "nothing due"]
+                              + [o.summary() for o in waiting]))  # fmt: skip
+            done = _deliver(work)
+        finally:
+            shared.close()
+        if shared.failure is not None:
+            journal.send(
+                f"could not remove acknowledged entries: {shared.failure}; they will be "
+                "sent again and recognised",
+                message_id=journal.SHIP_FAILED,
+                priority=4,
+                reason=str(shared.failure),
+            )
         for outcome in done:
-            if outcome.complete:
-                retry.succeeded(outcome.host)
-            else:
-                reason = outcome.error or f"{outcome.refused} refused, {outcome.failed} failed"
-                outcome.next_attempt = retry.failed(outcome.host, reason, time.time())
-                journal.send(
-                    f"delivery to {outcome.host} incomplete: {reason}; retry at "
-                    f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(outcome.next_attempt))}",
-                    message_id=journal.SHIP_RETRY,
-                    priority=4,
-                    host=outcome.host,
-                    reason=reason,
-                )
-        return outcomes + done
+            _schedule(outcome, retry)
+        return waiting + done
     finally:
         spool.close()
+
+
+def _assign(
+    config: ClientConfig,
+    owed: Mapping[str, list[Entry]],
+    retry: RetryState,
+    shared: SharedSpool,
+    now: float,
+) -> tuple[list[Delivery], list[Outcome]]:
+    """A delivery per collector that is due; an outcome for each that is not."""
+    work: list[Delivery] = []
+    waiting: list[Outcome] = []
+    for name, entries in sorted(owed.items()):
+        host = config.hosts.get(name)
+        deferred = retry.due(name, now) if host else None
+        if host is None:
+            waiting.append(Outcome(name, owed=len(entries), error="no longer in the config; kept"))
+        elif deferred is not None:
+            waiting.append(Outcome(name, owed=len(entries), next_attempt=deferred))
+        else:
+            work.append(Delivery(config, host, entries, shared))
+    return work, waiting
+
+
+def _deliver(work: list[Delivery]) -> list[Outcome]:
+    if len(work) == 1:
+        return [work[0].run(connect)]  # the common case needs no thread
+    with ThreadPoolExecutor(max_workers=MAX_PARALLEL_HOSTS) as pool:
+        return list(pool.map(lambda d: d.run(connect), work))
+
+
+def _schedule(outcome: Outcome, retry: RetryState) -> None:
+    """Forget a collector's backoff when all went, else set its next attempt."""
+    if outcome.complete:
+        retry.succeeded(outcome.host)
+        return
+    reason = outcome.error or f"{outcome.refused} refused, {outcome.failed} failed"
+    outcome.next_attempt = retry.failed(outcome.host, reason, time.time())
+    journal.send(
+        f"delivery to {outcome.host} incomplete: {reason}; retry at "
+        f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(outcome.next_attempt))}",
+        message_id=journal.SHIP_RETRY,
+        priority=4,
+        host=outcome.host,
+        reason=reason,
+    )
 
 
 def _status(text: str) -> None:

@@ -275,24 +275,19 @@ class Store:
             ) from None
         for upload in batch:
             upload.close()
-            self._drop_partial(upload.name, upload.sha256, upload.size)
         return batch
 
     def _link_into_place(self, upload: Upload) -> str:
-        """Link under the offered name, or the first free conflict name; never replace."""
+        """Move under the offered name, or the first free conflict name; never replace."""
         for candidate in _candidates(upload.name):
             try:
-                os.link(
-                    upload.partial,
-                    candidate,
-                    src_dir_fd=self.partial_fd,
-                    dst_dir_fd=self.dir_fd,
-                    follow_symlinks=False,
-                )
+                _rename_noreplace(self.partial_fd, upload.partial, self.dir_fd, candidate)
                 return candidate
             except FileExistsError:
                 if self._identical(candidate, upload.size, upload.sha256):
-                    return candidate  # a retry raced a lost ack: already there
+                    # A retry raced a lost ack: already there.
+                    self._drop_partial(upload.name, upload.sha256, upload.size)
+                    return candidate
         raise StoreError(
             f"{upload.name}: more than {MAX_CONFLICTS} different files under this name",
             temporary=False,
@@ -371,6 +366,26 @@ def _start_writeback(fd: int, offset: int, length: int) -> None:
     _libc.sync_file_range(
         fd, ctypes.c_int64(offset), ctypes.c_int64(length), _SYNC_FILE_RANGE_WRITE
     )
+
+
+_RENAME_NOREPLACE = 1
+
+
+def _rename_noreplace(src_dir: int, src: str, dst_dir: int, dst: str) -> None:
+    """renameat2(RENAME_NOREPLACE): atomic, and never over an existing name.
+
+    Where the file system lacks it, link then unlink gives the same guarantee
+    (a crash between them leaves the partial too, which the next offer drops).
+    """
+    if _libc.renameat2(src_dir, src.encode(), dst_dir, dst.encode(), _RENAME_NOREPLACE) == 0:
+        return
+    err = ctypes.get_errno()
+    if err == errno.EEXIST:
+        raise FileExistsError(err, os.strerror(err), dst)
+    if err not in (errno.EINVAL, errno.ENOSYS):
+        raise OSError(err, os.strerror(err), dst)
+    os.link(src, dst, src_dir_fd=src_dir, dst_dir_fd=dst_dir, follow_symlinks=False)
+    os.unlink(src, dir_fd=src_dir)
 
 
 def _syncfs(fd: int) -> bool:
