@@ -61,6 +61,10 @@ MAX_BATCH_FILES = 64
 MAX_BATCH_BYTES = 256 * 1024 * 1024
 
 
+class Refused(Exception):
+    """We told the shipper why the connection ends; nothing more to say."""
+
+
 @dataclass
 class _Incoming:
     """A file whose data is arriving: where it goes, or why it will fail."""
@@ -117,7 +121,11 @@ class Session:
 
     def _handle(self, event: Event) -> None:
         if isinstance(event, Hello):
-            self._send(self.conn.answer_hello(event))
+            reply = self.conn.answer_hello(event)
+            self._send(reply)
+            if isinstance(reply, Error):
+                self._flush()
+                raise Refused(f"{reply.code.name}: {reply.message}")
         elif isinstance(event, Offer):
             self._send(self._answer(event))
         elif isinstance(event, Data):
@@ -308,10 +316,14 @@ def serve(sock: socket.socket, config: ServerConfig) -> int:
         session = Session(config, stream, host.name, peer)
         try:
             session.run()
+        except Refused as exc:
+            _peer_refused(peer, str(identity), str(exc), host=host.name)
+            _tell(stream, b"")  # the reason is sent: close the session cleanly
+            return 1
         except ProtocolError as exc:
+            _peer_refused(peer, str(identity), f"protocol error: {exc}", host=host.name)
             # Answers already due go first, then why the connection ends.
             _tell(stream, bytes(session.outbox) + session.conn.send(Error.from_exception(exc)))
-            _peer_refused(peer, str(identity), f"protocol error: {exc}", host=host.name)
             return 1
         except (TLSError, OSError) as exc:
             journal.send(

@@ -191,6 +191,21 @@ def size(value: Any) -> int:
     return int(match.group(1)) * SIZE_UNITS[match.group(2)]
 
 
+def window(value: Any) -> int:
+    """Files in flight: the protocol's own bound (docs/protocol.md, Limits)."""
+    if not isinstance(value, int) or not 1 <= value <= 1024:
+        raise _fail(f"{value!r}: expected a whole number from 1 to 1024")
+    return value
+
+
+def frame_size(value: Any) -> int:
+    """Bytes per DATA frame: the protocol allows 4K to 1M."""
+    number = size(value)
+    if not 4096 <= number <= 1024 * 1024:
+        raise _fail(f"{value!r}: expected a size from 4K to 1M")
+    return number
+
+
 def positive(value: Any) -> int:
     if not isinstance(value, int) or not 1 <= value <= 1_000_000:
         raise _fail(f"{value!r}: expected a whole number from 1 to 1000000")
@@ -282,8 +297,8 @@ LIMITS = _block(
         vol.Optional("max_file_size"): once(size),
         vol.Optional("max_connections"): once(positive),
         vol.Optional("timeout"): once(duration),
-        vol.Optional("window"): once(positive),
-        vol.Optional("frame_size"): once(size),
+        vol.Optional("window"): once(window),
+        vol.Optional("frame_size"): once(frame_size),
         vol.Optional("max_batch"): once(positive),
     }
 )

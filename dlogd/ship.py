@@ -141,7 +141,7 @@ class RetryState:
     def failed(self, host: str, reason: str, now: float) -> float:
         """Record a failure; returns when to try again."""
         failures = int(self.read(host)["failures"]) + 1
-        delay = min(self.policy.max_delay, self.policy.min_delay * 2.0 ** (failures - 1))
+        delay = min(self.policy.max_delay, self.policy.min_delay * 2.0 ** min(failures - 1, 32))
         # Jitter spreads a fleet's retries after a collector comes back.
         delay = min(self.policy.max_delay, delay * random.uniform(0.75, 1.25))
         next_attempt = now + delay
@@ -249,13 +249,15 @@ class Delivery:
             self.stream = connect(self.host, self.config)
             try:
                 self._exchange()
+            except ProtocolError as exc:
+                self._tell(Error.from_exception(exc))  # while the stream is still open
+                raise
             finally:
                 self.stream.close()
         except (ShipError, TLSError) as exc:
             self.outcome.error = str(exc)
         except ProtocolError as exc:
             self.outcome.error = f"protocol error: {exc}"
-            self._tell(Error.from_exception(exc))
         except OSError as exc:
             self.outcome.error = f"{self.host.address}:{self.host.port}: {exc.strerror or exc}"
         finally:
@@ -266,7 +268,7 @@ class Delivery:
 
     def _tell(self, error: Error) -> None:
         with contextlib.suppress(TLSError, ProtocolError, OSError):
-            self.stream.sendall(self.conn.send(error))
+            self.stream.sendall(bytes(self.outbox) + self.conn.send(error))
 
     def _exchange(self) -> None:
         self._send(self.conn.hello())
@@ -535,6 +537,15 @@ def _schedule(outcome: Outcome, retry: RetryState) -> None:
     )
 
 
+def _raise_fd_limit() -> None:
+    """Each collector holds up to a window of open files: take the hard limit."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def _status(text: str) -> None:
     """STATUS= for `systemctl status dlogd-ship`; silently nothing outside systemd."""
     if "NOTIFY_SOCKET" not in os.environ:
@@ -560,6 +571,7 @@ def main(argv: list[str] | None = None) -> int:
     if config is None:
         _status(f"config error: {error}")
         return EXIT_FAILED
+    _raise_fd_limit()
     try:
         outcomes = drain(config)
         # dlogd-ship.path does not watch while we run: a submit made during the

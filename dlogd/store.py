@@ -85,8 +85,11 @@ def open_directory(path: str, *, create: bool = True) -> int:
             if part in (".", ".."):
                 raise StoreError(f"directory {path!r} has a {part!r} component", temporary=False)
             if create:
-                with contextlib.suppress(FileExistsError):
+                try:
                     os.mkdir(part, 0o750, dir_fd=fd)
+                    os.fsync(fd)  # the new directory must survive for what is acked in it
+                except FileExistsError:
+                    pass
             nxt = os.open(part, _DIR_FLAGS, dir_fd=fd)
             os.close(fd)
             fd = nxt
@@ -239,6 +242,9 @@ class Store:
         try:
             identical = self._find_identical(name, size, sha256)
             if identical is not None:
+                # Its rename may not be durable yet (an instance killed before the
+                # directory fsync): make it so before the sender drops its copy.
+                os.fsync(self.dir_fd)
                 self._drop_partial(name, sha256, size)
                 return Offered(identical, 0)
             return Offered(None, self._partial_size(name, sha256, size))

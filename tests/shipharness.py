@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from dlogd import pki
+from dlogd import journal, pki
 from dlogd.config import TLSFiles
 from dlogd.spool import Spool, entry_basename
 from tests.tlsfixtures import COLLECTOR, LOOPBACK, SENDER, Fleet, make_fleet
@@ -185,8 +185,8 @@ def parse_records(text: str) -> list[Record]:
 
 
 def peer_refusals(records: Iterable[Record]) -> list[Record]:
-    """PEER_REFUSED records (the stderr fallback carries no MESSAGE_ID: known by shape)."""
-    return [r for r in records if r.message.startswith("peer ") and " refused: " in r.message]
+    """PEER_REFUSED records."""
+    return [r for r in records if r.get("message_id") == journal.PEER_REFUSED]
 
 
 # --- the collector -----------------------------------------------------------------------

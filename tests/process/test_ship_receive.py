@@ -621,3 +621,26 @@ def test_honest_raw_sender_is_stored(hostile: tuple[Site, Collector]) -> None:
         sender.close()
     assert isinstance(answer, Stored), answer
     assert (site.store_dir() / "honest.log").read_bytes() == data
+
+
+def test_sender_with_no_common_version_is_told_why_and_logged(site: Site) -> None:
+    collector = site.start()
+    tls = site.pki.tls(site.pki.fleet.sender)
+    sock = socket.create_connection((LOOPBACK, collector.port), timeout=5)
+    stream = TLSStream(sock, client_context(tls), server_side=False, timeout=5)
+    try:
+        stream.handshake()
+        conn = Connection(Role.SENDER, versions=(2,))
+        stream.sendall(conn.send(conn.hello()))
+        reply = b""
+        while chunk := stream.recv(65536):
+            reply += chunk
+    finally:
+        stream.close()
+    conn.receive_data(reply)
+    answer = conn.next_event()
+    assert isinstance(answer, Error)
+    assert answer.code == Code.UNSUPPORTED_VERSION
+    refusal = one_refusal(collector)
+    assert refusal.get("reason").startswith("UNSUPPORTED_VERSION")
+    assert "Traceback" not in collector.stderr_path.read_text()

@@ -56,8 +56,8 @@ def limits(durations: st.SearchStrategy[float]) -> st.SearchStrategy[Limits]:
         max_file_size=sizes,
         max_connections=positives,
         timeout=durations,
-        window=positives,
-        frame_size=sizes,
+        window=st.integers(1, 1024),
+        frame_size=st.integers(4096, 1024 * 1024),
         max_batch=positives,
     )
 

@@ -257,14 +257,14 @@ def test_every_server_directive(conf: Path) -> None:
     ],
 )
 def test_sizes(conf: Path, written: str, expected: int) -> None:
-    cfg = client(conf, f"limits {{ max_file_size {written}; frame_size {written}; }}")
-    assert (cfg.limits.max_file_size, cfg.limits.frame_size) == (expected, expected)
+    cfg = client(conf, f"limits {{ max_file_size {written}; }}")
+    assert cfg.limits.max_file_size == expected
 
 
 @pytest.mark.parametrize("written", ["0", "0K", "10k", "10KB", "1.5M", '"ten"', '"-1"', "10P"])
 def test_bad_sizes(conf: Path, written: str) -> None:
-    ((line, column, message),) = errors(conf, f"limits {{\n  frame_size {written};\n}}")
-    assert (line, column) == (2, 14)  # the value, not the directive
+    ((line, column, message),) = errors(conf, f"limits {{\n  max_file_size {written};\n}}")
+    assert (line, column) == (2, 17)  # the value, not the directive
     assert message.endswith("expected a positive size in bytes, optionally with K, M, G or T")
 
 
@@ -449,7 +449,10 @@ def test_bad_ports(
         ("spool 12;", 7, "expected a string, got 12"),
         ('spool "/a\\x00b";', 7, "NUL byte in string"),
         ('tls { min_version "1.1"; }', 19, '\'1.1\': expected "1.3" or "1.2"'),
-        ("limits { window 0; }", 17, "0: expected a whole number from 1 to 1000000"),
+        ("limits { window 0; }", 17, "0: expected a whole number from 1 to 1024"),
+        ("limits { window 1025; }", 17, "1025: expected a whole number from 1 to 1024"),
+        ("limits { frame_size 4095; }", 21, "4095: expected a size from 4K to 1M"),
+        ("limits { frame_size 2M; }", 21, "'2M': expected a size from 4K to 1M"),
         (
             "limits { max_batch 1000001; }",
             20,
@@ -745,7 +748,7 @@ def test_all_schema_errors_are_reported_at_once(conf: Path) -> None:
     )
     assert errors(conf, text) == [
         (1, 7, "expected an absolute path, got 'relative'"),
-        (3, 12, "0: expected a whole number from 1 to 1000000"),
+        (3, 12, "0: expected a whole number from 1 to 1024"),
         (5, 17, "port 65536 out of range: expected 1-65535"),
         (6, 29, "'-1': expected a numeric uid or a user name"),
     ]
