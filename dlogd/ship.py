@@ -89,19 +89,28 @@ class Outcome:
     owed: int = 0
     delivered: int = 0
     duplicates: int = 0
-    refused: int = 0
-    failed: int = 0
+    held: int = 0  # refused for good: kept, not offered again until the hold ends
+    failed: int = 0  # refused or failed for now: the collector is retried later
     error: str | None = None
     next_attempt: float | None = None  # set when deferred or failed
 
     @property
     def complete(self) -> bool:
-        return self.error is None and self.delivered + self.duplicates == self.owed
+        """Nothing left that a retry of this collector could send."""
+        return (
+            self.error is None
+            and not self.failed
+            and self.delivered + self.duplicates + self.held >= self.owed
+        )
+
+    @property
+    def pending(self) -> bool:
+        return self.delivered + self.duplicates < self.owed
 
     def summary(self) -> str:
         text = f"{self.host}: {self.delivered + self.duplicates}/{self.owed} delivered"
-        if self.refused or self.failed:
-            text += f", {self.refused} refused, {self.failed} failed"
+        if self.held or self.failed:
+            text += f", {self.held} held after a refusal, {self.failed} failed"
         if self.error:
             text += f" ({self.error})"
         if self.next_attempt is not None:
@@ -191,6 +200,10 @@ class SharedSpool:
 
     def acknowledge(self, entry: Entry, host: str) -> None:
         self.acks.put((entry, host))
+
+    def hold(self, entry: Entry, host: str, until: float, reason: str) -> None:
+        with self.lock:
+            self.spool.hold(entry, host, until, reason)
 
     def _apply_acks(self) -> None:
         while (item := self.acks.get()) is not None:
@@ -346,17 +359,16 @@ class Delivery:
         elif isinstance(event, Refuse | Failed):
             out = self.outgoing.pop(event.file_id)
             os.close(out.fd)
-            if isinstance(event, Refuse):
-                self.outcome.refused += 1
-            else:
+            what = f"{type(event).__name__.lower()}: {event.code.name}: {event.message}"
+            if event.code.temporary:
                 self.outcome.failed += 1
-            self._record(
-                journal.SHIP_FAILED,
-                f"{'refused' if isinstance(event, Refuse) else 'failed'}: {event.code.name}: {event.message}",
-                out,
-                priority=4,
-                reason=event.code.name,
-            )
+            else:
+                # Refused for good: hold this one file, not the whole collector.
+                self.outcome.held += 1
+                until = time.time() + self.config.retry.max_delay
+                self.spool.hold(out.entry, self.host.name, until, what)
+                what += f"; held until {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(until))}"
+            self._record(journal.SHIP_FAILED, what, out, priority=4, reason=event.code.name)
         elif isinstance(event, Ping):
             self._send(Pong(event.nonce))
         elif isinstance(event, Error):
@@ -450,14 +462,20 @@ def _is_ip(text: str) -> bool:
     return True
 
 
-def plan(spool: Spool, config: ClientConfig) -> dict[str, list[Entry]]:
-    """Entries owed, grouped by the collector that is owed them."""
+def plan(
+    spool: Spool, config: ClientConfig, now: float
+) -> tuple[dict[str, list[Entry]], dict[str, int]]:
+    """Entries owed and not on hold, grouped by collector; and how many are on hold."""
     fallback = {name: kw.hosts for name, kw in config.keywords.items()}
     by_host: dict[str, list[Entry]] = {}
+    held: dict[str, int] = {}
     for entry in spool.pending(fallback):
         for host in sorted(entry.owed):
-            by_host.setdefault(host, []).append(entry)
-    return by_host
+            if host in entry.held and spool.held_until(entry, host)[0] > now:
+                held[host] = held.get(host, 0) + 1
+            else:
+                by_host.setdefault(host, []).append(entry)
+    return by_host, held
 
 
 def drain(config: ClientConfig, *, now: float | None = None) -> list[Outcome]:
@@ -469,7 +487,7 @@ def drain(config: ClientConfig, *, now: float | None = None) -> list[Outcome]:
         retry = RetryState(config.spool, config.retry)
         shared = SharedSpool(spool)
         try:
-            work, waiting = _assign(config, plan(spool, config), retry, shared, now)
+            work, waiting = _assign(config, *plan(spool, config, now), retry, shared, now)
             sending = [f"{len(d.queue)} files to {d.host.name}" for d in work]
             _status("; ".join([f"sending {', '.join(sending)}" if sending else "nothing due"]
                               + [o.summary() for o in waiting]))  # fmt: skip
@@ -494,6 +512,7 @@ def drain(config: ClientConfig, *, now: float | None = None) -> list[Outcome]:
 def _assign(
     config: ClientConfig,
     owed: Mapping[str, list[Entry]],
+    held: Mapping[str, int],
     retry: RetryState,
     shared: SharedSpool,
     now: float,
@@ -501,15 +520,22 @@ def _assign(
     """A delivery per collector that is due; an outcome for each that is not."""
     work: list[Delivery] = []
     waiting: list[Outcome] = []
-    for name, entries in sorted(owed.items()):
+    for name in sorted({*owed, *held}):
+        entries, on_hold = owed.get(name, []), held.get(name, 0)
         host = config.hosts.get(name)
         deferred = retry.due(name, now) if host else None
+        if host is not None and deferred is None and entries:
+            delivery = Delivery(config, host, entries, shared)
+            delivery.outcome.owed += on_hold
+            delivery.outcome.held += on_hold
+            work.append(delivery)
+            continue
+        outcome = Outcome(name, owed=len(entries) + on_hold, held=on_hold)
         if host is None:
-            waiting.append(Outcome(name, owed=len(entries), error="no longer in the config; kept"))
+            outcome.error = "no longer in the config; kept"
         elif deferred is not None:
-            waiting.append(Outcome(name, owed=len(entries), next_attempt=deferred))
-        else:
-            work.append(Delivery(config, host, entries, shared))
+            outcome.next_attempt = deferred
+        waiting.append(outcome)
     return work, waiting
 
 
@@ -525,7 +551,7 @@ def _schedule(outcome: Outcome, retry: RetryState) -> None:
     if outcome.complete:
         retry.succeeded(outcome.host)
         return
-    reason = outcome.error or f"{outcome.refused} refused, {outcome.failed} failed"
+    reason = outcome.error or f"{outcome.failed} failed for now"
     outcome.next_attempt = retry.failed(outcome.host, reason, time.time())
     journal.send(
         f"delivery to {outcome.host} incomplete: {reason}; retry at "
@@ -592,7 +618,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         _status(f"spool error: {exc}")
         return EXIT_FAILED
-    pending = [o for o in outcomes if not o.complete]
+    pending = [o for o in outcomes if o.pending]
     _status("; ".join(o.summary() for o in outcomes) or "spool empty")
     for outcome in outcomes:
         print(outcome.summary(), file=sys.stderr)

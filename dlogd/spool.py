@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import json
 import os
 import re
 import stat
@@ -63,6 +64,7 @@ class Entry:
     name: str
     owed: frozenset[str]
     size: int
+    held: frozenset[str] = frozenset()  # owed hosts that refused it for good (see hold())
 
 
 @dataclass(frozen=True)
@@ -376,7 +378,7 @@ class Spool:
                 owed = self._owed(kdir, keyword, name, (hosts or {}).get(keyword, ()))
                 if owed:
                     size = os.stat(name, dir_fd=kdir.fd, follow_symlinks=False).st_size
-                    yield Entry(keyword, name, owed, size)
+                    yield Entry(keyword, name, owed, size, self._held(kdir, name, owed))
 
     def _owed(
         self, kdir: _KeywordDir, keyword: str, name: str, fallback: Sequence[str]
@@ -391,7 +393,7 @@ class Spool:
             _warn("owed entry is not a directory, skipped", keyword, name)
             return frozenset()
         try:
-            return frozenset(n for n, mode in _list(fd) if stat.S_ISREG(mode))
+            return frozenset(n for n, mode in _list(fd) if stat.S_ISREG(mode) and n[0] != ".")
         finally:
             os.close(fd)
 
@@ -412,6 +414,57 @@ class Spool:
             os.close(fd)
         os.fsync(kdir.owed)
         return frozenset(fallback)
+
+    def _held(self, kdir: _KeywordDir, name: str, owed: frozenset[str]) -> frozenset[str]:
+        # A marker is empty until hold() writes why its host refused the entry.
+        fd = os.open(name, _DIR_FLAGS, dir_fd=kdir.owed)
+        try:
+            return frozenset(
+                h for h in owed if os.stat(h, dir_fd=fd, follow_symlinks=False).st_size
+            )
+        except FileNotFoundError:
+            return frozenset()
+        finally:
+            os.close(fd)
+
+    def hold(self, entry: Entry, host: str, until: float, reason: str) -> None:
+        """``host`` refused ``entry`` for good: stop offering it there until ``until``.
+
+        The entry stays owed (nothing refused is ever dropped) and the reason is
+        written into the host's marker, for the operator and for the shipper.
+        Not fsynced: losing a hold in a crash costs one more offer.
+        """
+        _check_name("host", host, _HOST_RE)
+        kdir = self._keyword(entry.keyword)
+        fd = os.open(entry.name, _DIR_FLAGS, dir_fd=kdir.owed)
+        try:
+            tmp = f".{host}.hold"
+            out = os.open(
+                tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                dir_fd=fd,
+            )  # fmt: skip
+            with os.fdopen(out, "w") as handle:
+                json.dump({"until": until, "reason": reason}, handle)
+            os.rename(tmp, host, src_dir_fd=fd, dst_dir_fd=fd)
+        finally:
+            os.close(fd)
+
+    def held_until(self, entry: Entry, host: str) -> tuple[float, str]:
+        """(until, reason) of a hold; (0, "") when there is none."""
+        kdir = self._keyword(entry.keyword)
+        try:
+            fd = os.open(entry.name, _DIR_FLAGS, dir_fd=kdir.owed)
+        except FileNotFoundError:
+            return 0.0, ""
+        try:
+            marker = os.open(host, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            with os.fdopen(marker) as handle:
+                hold = json.load(handle)
+            return float(hold["until"]), str(hold["reason"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return 0.0, ""
+        finally:
+            os.close(fd)
 
     def open_entry(self, entry: Entry) -> int:
         """A read-only descriptor on the entry's file (never through a symlink)."""
@@ -439,7 +492,7 @@ class Spool:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(host, dir_fd=fd)
             self._touched[kdir.owed] = None
-            remaining = os.listdir(fd)
+            remaining = _markers(fd)
         finally:
             os.close(fd)
         if not remaining:
@@ -600,9 +653,14 @@ def _list(dir_fd: int) -> list[tuple[str, int]]:
 def _has_entries(parent_fd: int, name: str) -> bool:
     fd = os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
     try:
-        return bool(os.listdir(fd))
+        return bool(_markers(fd))
     finally:
         os.close(fd)
+
+
+def _markers(owed_fd: int) -> list[str]:
+    """Host markers of one entry; a dot name is a hold being written, not a host."""
+    return [name for name in os.listdir(owed_fd) if not name.startswith(".")]
 
 
 def _remove_tree(parent_fd: int, name: str) -> None:

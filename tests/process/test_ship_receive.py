@@ -11,6 +11,7 @@ free to put on the wire what the shipper never would.
 from __future__ import annotations
 
 import hashlib
+import json
 import socket
 import time
 from pathlib import Path
@@ -345,33 +346,48 @@ def wait_for_refusal(collector: Collector, timeout: float = 10.0) -> None:
 # --- refused files -------------------------------------------------------------------------
 
 
-def test_keyword_the_host_may_not_send_is_refused_and_kept(site: Site) -> None:
+def assert_held(site: Site, run: ShipRun, entry: str, code: str, keyword: str = KEYWORD) -> None:
+    """Refused for good: kept and owed, the reason in its marker, the collector not backed off."""
+    assert run.returncode == EX_TEMPFAIL, run.stderr
+    assert spool_entries(site.spool, keyword) == [entry]
+    assert owed_hosts(site.spool, entry, keyword) == {COLLECTOR}
+    hold = json.loads((site.spool / keyword / ".owed" / entry / COLLECTOR).read_text())
+    assert code in hold["reason"]
+    assert hold["until"] > time.time() + 5  # retry { max 10 }: held for the longest backoff
+    assert retry_state(site.spool, COLLECTOR) is None
+    assert any(r.get("reason") == code for r in run.records), run.stderr
+
+
+def test_keyword_the_host_may_not_send_is_refused_and_held(site: Site) -> None:
     collector = site.start()
     site.client_config(
         [Target(COLLECTOR, collector.port)], keywords={KEYWORD: [COLLECTOR], "secrets": [COLLECTOR]}
     )
-    entries = site.add(random_file(site.root / "s.log", 1000), keyword="secrets")
-    before = time.time()
+    (entry,) = site.add(random_file(site.root / "s.log", 1000), keyword="secrets")
 
     run = site.ship()
 
-    assert run.returncode == EX_TEMPFAIL, run.stderr
-    assert spool_entries(site.spool, "secrets") == entries
-    assert owed_hosts(site.spool, entries[0], "secrets") == {COLLECTOR}
-    state = retry_state(site.spool, COLLECTOR)
-    assert state is not None and state["failures"] == 1
-    assert state["next"] >= before + 0.75  # retry { min 1 }, jitter at most -25%
-    assert any(r.get("reason") == "KEYWORD_NOT_ALLOWED" for r in run.records), run.stderr
+    assert_held(site, run, entry, "KEYWORD_NOT_ALLOWED", keyword="secrets")
     assert any(r.get("reason") == "KEYWORD_NOT_ALLOWED" for r in collector.records())
     assert not (site.root / "remote" / COLLECTOR / "web1" / "secrets").exists()
 
 
-def test_file_over_the_collectors_limit_is_refused(site: Site) -> None:
+def test_a_held_file_does_not_hold_up_the_others(site: Site) -> None:
+    """One refused file must not put its whole collector into backoff (review F3)."""
     collector = site.start(max_file_size="4K")
-    run, entries = ship_one(site, collector)  # 10,000 bytes
-    assert_kept_for_retry(site, run, entries)
-    assert any(r.get("reason") == "TOO_LARGE" for r in run.records), run.stderr
-    assert any(r.get("reason") == "TOO_LARGE" for r in collector.records())
+    site.client_config([Target(COLLECTOR, collector.port)])
+    (big,) = site.add(random_file(site.root / "big.log", 10_000))
+    assert_held(site, site.ship(), big, "TOO_LARGE")
+    refusals = len([r for r in collector.records() if r.get("reason") == "TOO_LARGE"])
+
+    (small,) = site.add(make_file(site.root / "small.log", b"small\n"))
+    run = site.ship()
+
+    assert run.returncode == EX_TEMPFAIL, run.stderr  # the held one is still owed
+    assert visible_files(site.store_dir()) == [small]
+    assert spool_entries(site.spool) == [big]
+    # Not offered again while held: the collector saw no second refusal.
+    assert len([r for r in collector.records() if r.get("reason") == "TOO_LARGE"]) == refusals
 
 
 # --- dedup ---------------------------------------------------------------------------------

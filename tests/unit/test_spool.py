@@ -288,3 +288,28 @@ def test_announce_fires_close_write_on_the_trigger_file(tmp_path: Path) -> None:
     finally:
         os.close(fd)
         spool.close()
+
+
+def test_hold_keeps_the_entry_owed_and_says_why(spool: Spool, tmp_path: Path) -> None:
+    name = add_file(spool, write(tmp_path / "x.log", b"x"), hosts=("logs1", "logs2"))
+    (entry,) = spool.pending()
+    spool.hold(entry, "logs1", 5000.0, "refused: TOO_LARGE")
+    (entry,) = spool.pending()
+    assert (entry.name, entry.owed, entry.held) == (name, {"logs1", "logs2"}, {"logs1"})
+    assert spool.held_until(entry, "logs1") == (5000.0, "refused: TOO_LARGE")
+    assert spool.held_until(entry, "logs2") == (0.0, "")
+
+
+def test_held_entry_is_removed_once_every_host_has_it(spool: Spool, tmp_path: Path) -> None:
+    add_file(spool, write(tmp_path / "x.log", b"x"), hosts=("logs1",))
+    (entry,) = spool.pending()
+    spool.hold(entry, "logs1", 5000.0, "refused")
+    # A hold being written when a crash came leaves a dot file: it is not a host.
+    owed = tmp_path / "spool" / "audit" / ".owed" / entry.name
+    (owed / ".logs1.hold").write_text("{")
+    spool.acknowledge(entry, "logs1")  # e.g. the operator raised the limit
+    spool.commit()
+    assert list(spool.pending()) == []
+    assert not (tmp_path / "spool" / "audit" / entry.name).exists()
+    spool.cleanup()
+    assert not owed.exists()
