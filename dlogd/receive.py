@@ -18,9 +18,11 @@ and no acknowledgement is ever sent before its file is durable.
 from __future__ import annotations
 
 import argparse
+import os
 import socket
 import sys
 import threading
+import time
 from dataclasses import dataclass
 
 from dlogd import journal
@@ -92,6 +94,7 @@ class Session:
         self.batch_bytes = 0
         self.stored = 0
         self.outbox = bytearray()
+        self.last_sent = time.monotonic()
 
     def run(self) -> None:
         buffer = bytearray(self.conn.max_frame + 64 * 1024)
@@ -143,6 +146,13 @@ class Session:
         if self.outbox:
             self.stream.sendall(self.outbox)
             self.outbox.clear()
+        self.last_sent = time.monotonic()
+
+    def _keepalive(self) -> None:
+        """While we hash a big file the shipper waits: a Ping keeps its timer happy."""
+        if time.monotonic() - self.last_sent > self.config.limits.timeout / 4:
+            self._send(Ping(os.getpid() & 0xFFFFFFFF))
+            self._flush()
 
     # --- offers ---
 
@@ -188,7 +198,7 @@ class Session:
     def _store(self, keyword: str, directory: str) -> Store:
         store = self.stores.get(keyword)
         if store is None:
-            store = self.stores[keyword] = Store(directory)
+            store = self.stores[keyword] = Store(directory, progress=self._keepalive)
         return store
 
     # --- data ---

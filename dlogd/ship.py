@@ -255,6 +255,7 @@ class Delivery:
         self.frame = bytearray(DATA_HEADER.size + self.conn.max_frame)
         self.inbox = bytearray(64 * 1024)
         self.outbox = bytearray()
+        self.last_sent = time.monotonic()
         self.stream: TLSStream
 
     def run(self, connect: Callable[[Host, ClientConfig], TLSStream]) -> Outcome:
@@ -315,7 +316,7 @@ class Delivery:
             self.outcome.owed -= 1  # acknowledged meanwhile by an earlier run
             return
         size = os.fstat(fd).st_size
-        digest = hash_fd(fd, size).digest()
+        digest = hash_fd(fd, size, self._keepalive).digest()
         file_id, self.next_id = self.next_id, self.next_id + 1
         self.outgoing[file_id] = _Outgoing(entry, fd, size, digest)
         self._send(Offer(file_id, entry.keyword, entry.name, size, digest))
@@ -402,6 +403,14 @@ class Delivery:
         if self.outbox:
             self.stream.sendall(self.outbox)
             self.outbox.clear()
+        self.last_sent = time.monotonic()
+
+    def _keepalive(self) -> None:
+        """Hashing big files before their offers takes a while: let the collector
+        see the offers made so far, and a Ping, before its idle timer runs out."""
+        if time.monotonic() - self.last_sent > self.config.limits.timeout / 4:
+            self._send(Ping(self.next_id & 0xFFFFFFFF))
+            self._flush()
 
     def _next_event(self) -> Event:
         """Block until the collector says something."""

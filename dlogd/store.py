@@ -26,7 +26,7 @@ import hashlib
 import os
 import re
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 PARTIAL_DIR = ".dlogd-partial"
@@ -34,7 +34,7 @@ MAX_NAME = 240  # leaves room for ".conflict-1000" within NAME_MAX
 NAME_RE = re.compile(r"[A-Za-z0-9_+,=@%-][A-Za-z0-9._+,=@%-]{0,239}\Z")
 MAX_CONFLICTS = 1000
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-_HASH_CHUNK = 1024 * 1024
+_HASH_CHUNK = 4 * 1024 * 1024
 WRITEBACK_CHUNK = 32 * 1024 * 1024
 
 
@@ -117,8 +117,12 @@ def _temporary(exc: OSError) -> bool:
     )
 
 
-def hash_fd(fd: int, length: int) -> hashlib._Hash:
-    """SHA-256 of the first ``length`` bytes of ``fd``, read with pread."""
+def hash_fd(fd: int, length: int, progress: Callable[[], None] | None = None) -> hashlib._Hash:
+    """SHA-256 of the first ``length`` bytes of ``fd``, read with pread.
+
+    ``progress`` is called every chunk: hashing tens of GB takes minutes, and
+    the peer waiting for our answer must hear from us meanwhile (a keepalive).
+    """
     digest = hashlib.sha256()
     offset = 0
     while offset < length:
@@ -127,6 +131,8 @@ def hash_fd(fd: int, length: int) -> hashlib._Hash:
             break
         digest.update(chunk)
         offset += len(chunk)
+        if progress is not None:
+            progress()
     return digest
 
 
@@ -155,7 +161,7 @@ class Upload:
         )
         try:
             # Resume: the digest runs over the bytes we already hold.
-            self.digest = hash_fd(self.fd, offset)
+            self.digest = hash_fd(self.fd, offset, store.progress)
             os.ftruncate(self.fd, offset)
         except BaseException:
             os.close(self.fd)
@@ -216,8 +222,9 @@ def _partial_name(name: str, sha256: bytes, size: int) -> str:
 class Store:
     """One (keyword, sending host) directory on the collector."""
 
-    def __init__(self, directory: str) -> None:
+    def __init__(self, directory: str, progress: Callable[[], None] | None = None) -> None:
         self.directory = directory
+        self.progress = progress  # called while hashing what is already here
         self.dir_fd = open_directory(directory)
         try:
             with contextlib.suppress(FileExistsError):
@@ -323,7 +330,7 @@ class Store:
             return (
                 stat.S_ISREG(st.st_mode)
                 and st.st_size == size
-                and hash_fd(fd, size).digest() == sha256
+                and hash_fd(fd, size, self.progress).digest() == sha256
             )
         finally:
             os.close(fd)

@@ -508,6 +508,7 @@ class Site:
         senders: Mapping[str, str] | None = None,
         max_file_size: str = "2G",
         directory: Path | None = None,
+        timeout: int = 5,
     ) -> Path:
         certs = self.pki.collector2 if collector == COLLECTOR2 else self.pki.fleet.collector
         return write_server_config(
@@ -516,6 +517,7 @@ class Site:
             dirs={KEYWORD: {SENDER: directory or self.store_dir(collector)}},
             senders=senders,
             max_file_size=max_file_size,
+            timeout=timeout,
         )
 
     def start(
@@ -528,10 +530,16 @@ class Site:
         senders: Mapping[str, str] | None = None,
         max_file_size: str = "2G",
         directory: Path | None = None,
+        timeout: int = 5,
     ) -> Collector:
         """Write this collector's config and start it (standalone, or socket-activated)."""
         path = self.server_config(
-            collector, tls=tls, senders=senders, max_file_size=max_file_size, directory=directory
+            collector,
+            tls=tls,
+            senders=senders,
+            max_file_size=max_file_size,
+            directory=directory,
+            timeout=timeout,
         )
         if activated:
             running = start_activated_collector(path, self.root, tag=collector)
@@ -547,6 +555,7 @@ class Site:
         tls: TLSFiles | None = None,
         keywords: Mapping[str, Sequence[str]] | None = None,
         retry: tuple[int, int] = (1, 10),
+        timeout: int = 5,
     ) -> Path:
         return write_client_config(
             self.root / "client.conf",
@@ -555,6 +564,7 @@ class Site:
             targets=targets,
             keywords=keywords,
             retry=retry,
+            timeout=timeout,
         )
 
     def add(

@@ -660,3 +660,15 @@ def test_sender_with_no_common_version_is_told_why_and_logged(site: Site) -> Non
     refusal = one_refusal(collector)
     assert refusal.get("reason").startswith("UNSUPPORTED_VERSION")
     assert "Traceback" not in collector.stderr_path.read_text()
+
+
+@pytest.mark.slow
+def test_hashing_a_window_of_big_files_keeps_the_collector_listening(site: Site) -> None:
+    """Offers wait for their digests; the collector's idle timer must not fire meanwhile
+    (review F1: 12 x 200 MiB with a 1 s timeout delivered nothing)."""
+    collector = site.start(timeout=1)
+    site.client_config([Target(COLLECTOR, collector.port)], timeout=1)
+    entries = site.add(*(sparse_file(site.root / f"big{n}.log", 200 << 20) for n in range(12)))
+    run = site.ship()
+    assert run.returncode == 0, run.stderr
+    assert visible_files(site.store_dir()) == sorted(entries)
