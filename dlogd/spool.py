@@ -50,6 +50,7 @@ _COPY_CHUNK = 64 * 1024 * 1024
 # Link failures that a copy can work around: other file system, protected_hardlinks
 # without CAP_FOWNER, a file already deleted (nlink 0), too many links.
 _LINK_FALLBACK = frozenset({errno.EXDEV, errno.EPERM, errno.ENOENT, errno.EMLINK})
+_AT_EMPTY_PATH = 0x1000
 
 
 class BadName(ValueError):
@@ -588,9 +589,26 @@ class _TempCopy:
 
 
 def _link_fd(fd: int, dir_fd: int, name: str) -> None:
-    # linkat via /proc/self/fd needs at most CAP_FOWNER (protected_hardlinks);
-    # AT_EMPTY_PATH would need CAP_DAC_READ_SEARCH, i.e. read access to every file.
-    os.link(f"/proc/self/fd/{fd}", name, dst_dir_fd=dir_fd, follow_symlinks=True)
+    """Link the file behind ``fd``: through /proc first, then with AT_EMPTY_PATH.
+
+    The /proc route needs at most CAP_FOWNER (protected_hardlinks). Some kernels
+    refuse it with EXDEV even within one mount (seen on 6.18); AT_EMPTY_PATH
+    works there but only with CAP_DAC_READ_SEARCH, which only the opt-in
+    hard-link mode grants (systemd/hardlink/). Without it: EPERM or ENOENT,
+    and the caller copies instead.
+    """
+    try:
+        os.link(f"/proc/self/fd/{fd}", name, dst_dir_fd=dir_fd, follow_symlinks=True)
+        return
+    except OSError as e:
+        if e.errno != errno.EXDEV:
+            raise
+    import ctypes  # only on this path: the submit service starts per connection
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.linkat(fd, b"", dir_fd, os.fsencode(name), _AT_EMPTY_PATH) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), name)
 
 
 def _copy_bytes(src: int, dst: int, size: int) -> int:

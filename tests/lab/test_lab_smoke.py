@@ -47,7 +47,7 @@ SSL.Context(SSL.TLS_CLIENT_METHOD).set_verify(SSL.VERIFY_PEER, lambda *a: True)
 fd = os.open("/var/spool/dlogd/probe/secret", os.O_RDONLY | os.O_NOFOLLOW)
 data = os.read(fd, 100)
 socket.create_connection(("192.0.2.10", 7878), timeout=5).close()
-with open("/var/lib/dlogd/probe-ok", "wb") as out:
+with open("/var/spool/dlogd/probe/ship-ok", "wb") as out:
     out.write(data)
 """
 RECEIVE_PROBE = """
@@ -203,7 +203,7 @@ def install_probe(host: LabHost, service: str, source: str, python: Path) -> Non
 def remove_probes(host: LabHost) -> None:
     host.run(
         "rm -rf /run/systemd/system/dlogd-*.d/zz-probe.conf /srv/dlogd-probe /var/spool/app "
-        f"/var/spool/dlogd/probe /var/lib/dlogd/probe-ok /var/log/remote/probe {PROBE_DIR}"
+        f"/var/spool/dlogd/probe /var/log/remote/probe {PROBE_DIR}"
         " && systemctl daemon-reload && systemctl reset-failed"
     )
 
@@ -257,7 +257,7 @@ def run_client_probes(
     assert host.read_file("/var/spool/dlogd/probe/copied") == b"theirs\n"
     ship = host.run(["systemctl", "start", "dlogd-ship.service"], check=False)
     assert ship.returncode == 0, host.journal_text("dlogd-ship.service")
-    assert host.read_file("/var/lib/dlogd/probe-ok") == b"secret\n"
+    assert host.read_file("/var/spool/dlogd/probe/ship-ok") == b"secret\n"
     return host.read_file("/var/spool/dlogd/probe/result").decode()
 
 
