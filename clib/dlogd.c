@@ -21,6 +21,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/time.h>
 #include <sys/un.h>
 #include <unistd.h>
@@ -37,6 +38,9 @@
 #define MAX_PATH 4096
 #define MAX_MESSAGE 4096
 #define IO_TIMEOUT_SECONDS 30
+/* The default unit copies into the spool and fsyncs before it answers: wait a
+ * slow disk's time for the file on top of the timeout (as the Python client). */
+#define COPY_RATE (20L * 1024 * 1024)
 
 /* The server's message (or a local reason) for this thread's last call. */
 static __thread char last_message[MAX_MESSAGE + 1];
@@ -124,6 +128,8 @@ static const char *socket_path(void)
     return env && *env ? env : DEFAULT_SOCKET;
 }
 
+static __thread long answer_timeout = IO_TIMEOUT_SECONDS; /* this call's wait for an answer */
+
 static int set_timeouts(int sock)
 {
     struct timeval tv = {.tv_sec = IO_TIMEOUT_SECONDS, .tv_usec = 0};
@@ -132,6 +138,13 @@ static int set_timeouts(int sock)
         setsockopt(sock, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv) < 0)
         return -1;
     return 0;
+}
+
+static int set_answer_timeout(int sock, long seconds)
+{
+    struct timeval tv = {.tv_sec = seconds, .tv_usec = 0};
+
+    return setsockopt(sock, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
 }
 
 static int connect_service(void)
@@ -253,7 +266,8 @@ static int recv_all(int sock, unsigned char *buf, size_t len)
             if (errno == EINTR)
                 continue;
             if (errno == EAGAIN || errno == EWOULDBLOCK)
-                return fail(ETIMEDOUT, "dlogd did not answer within %d s", IO_TIMEOUT_SECONDS);
+                return fail(ETIMEDOUT, "dlogd did not answer within %ld s (the file may "
+                            "still have been spooled)", answer_timeout);
             return fail(errno, "receiving from dlogd failed: %m");
         }
         buf += n;
@@ -279,6 +293,10 @@ static int read_response(int sock)
         return fail(EPROTO, "malformed answer from dlogd: unknown code %u", code);
     if (mlen > MAX_MESSAGE)
         return fail(EPROTO, "malformed answer from dlogd: message length %zu", mlen);
+    if (header[5] != 0)
+        return fail(EPROTO, "malformed answer from dlogd: reserved byte %u", header[5]);
+    if (code != 0 && memcmp(header + 8, "\0\0\0\0\0\0\0\0", 8) != 0)
+        return fail(EPROTO, "malformed answer from dlogd: a refusal with a size");
     if (recv_all(sock, (unsigned char *)last_message, mlen) < 0)
         return -1;
     last_message[mlen] = '\0';
@@ -298,9 +316,16 @@ static int submit_fd(int fd, const char *pathname, size_t plen, const char *keyw
         return -1;
     rc = send_request(sock, fd, keyword, klen, pathname, plen);
     if (rc == 0) {
+        struct stat st;
+
+        answer_timeout = IO_TIMEOUT_SECONDS;
+        if (fstat(fd, &st) == 0 && st.st_size > 0)
+            answer_timeout += (long)(st.st_size / COPY_RATE);
         /* No more requests: lets the service flush without waiting for more. */
         shutdown(sock, SHUT_WR);
-        rc = read_response(sock);
+        rc = set_answer_timeout(sock, answer_timeout) < 0
+                 ? fail(errno, "cannot set socket timeout: %m")
+                 : read_response(sock);
     }
     close_keep_errno(sock);
     return rc;

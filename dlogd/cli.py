@@ -75,16 +75,17 @@ def _submit(args: argparse.Namespace) -> int:
     from dlogd import client
 
     status = EXIT_OK
+    socket_path = args.socket or client.default_socket_path()
     for path in args.files:
         try:
-            done = client.submit(path, args.keyword, socket_path=args.socket)
+            done = client.submit(path, args.keyword, socket_path=socket_path)
         except client.SubmitError as exc:
             print(f"{path}: refused: {exc}", file=sys.stderr)
             status = EXIT_FAILED
-        except ConnectionError as exc:
-            print(f"{path}: cannot reach the submit service: {exc}", file=sys.stderr)
-            return EXIT_UNREACHABLE
         except OSError as exc:
+            if exc.filename == socket_path:  # the client names the socket when it fails
+                print(f"{path}: cannot reach the submit service: {exc}", file=sys.stderr)
+                return EXIT_UNREACHABLE
             print(f"{path}: {exc}", file=sys.stderr)
             status = EXIT_FAILED
         else:

@@ -51,6 +51,10 @@ __all__ = [
 
 DEFAULT_SOCKET: Final = "/run/dlogd/submit.sock"
 DEFAULT_TIMEOUT: Final = 30.0
+# The default unit copies into the spool and fsyncs before answering: allow a
+# slow disk's worth of time for the bytes still to be answered for, on top of
+# the timeout. A timeout still means "unknown", not "refused" (docs/api.md).
+COPY_RATE: Final = 20 * 1024 * 1024
 # Requests sent before their answers are read. Answers are small, so this many
 # fit in the socket buffers and neither side blocks the other.
 MAX_IN_FLIGHT: Final = 64
@@ -205,7 +209,8 @@ class _Batch:
         # process, which a batch of unreadable files should not cost.
         self._sock: socket.socket | None = None
         self._results: list[Submitted | OSError | None] = []
-        self._pending: deque[tuple[int, bytes]] = deque()  # (result index, path) awaiting answers
+        # (result index, path, size) awaiting answers
+        self._pending: deque[tuple[int, bytes, int]] = deque()
         # Kept apart: answers to requests already sent may still be readable after
         # sending failed (the service answers what it got, then closes).
         self._send_failed: OSError | None = None
@@ -259,7 +264,7 @@ class _Batch:
         except OSError as exc:
             self._send_failed = self._stream_error(exc)
             return self._send_failed
-        self._pending.append((len(self._results), path))
+        self._pending.append((len(self._results), path, _size_of(fd)))
         return None
 
     def _finish_sending(self) -> None:
@@ -270,7 +275,12 @@ class _Batch:
             self._sock.shutdown(socket.SHUT_WR)
 
     def _collect_one(self) -> None:
-        index, path = self._pending.popleft()
+        # The service may copy every pending file before it answers (a batch is
+        # fsynced together): wait long enough for that, not a fixed 30 s.
+        backlog = sum(size for _, _, size in self._pending)
+        if self._sock is not None:
+            self._sock.settimeout(self._timeout + backlog / COPY_RATE)
+        index, path, _ = self._pending.popleft()
         if self._receive_failed is None:
             try:
                 self._results[index] = _outcome(self._receive(), path)
@@ -308,6 +318,13 @@ class _Batch:
 
     def _stream_error(self, exc: OSError) -> OSError:
         return _naming_socket(exc, "connection to dlogd failed", self._sock_path)
+
+
+def _size_of(fd: int) -> int:
+    try:
+        return os.fstat(fd).st_size
+    except OSError:
+        return 0
 
 
 def _outcome(response: Response, path: bytes) -> Submitted | SubmitError:

@@ -610,3 +610,55 @@ def test_more_than_one_listen_fd_is_an_error() -> None:
     )
     assert proc.returncode == 2
     assert "expected 1 socket" in proc.stderr
+
+
+# -- dlogctl submit ------------------------------------------------------------------
+
+
+def _dlogctl_submit(
+    sock: Path, *files: Path, keyword: str = "audit"
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dlogd.cli",
+            "submit",
+            "-k",
+            keyword,
+            "--socket",
+            str(sock),
+            *map(str, files),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_dlogctl_submit_reports_each_file_and_exits_by_the_worst(service: Service) -> None:
+    good = service.work / "good.log"
+    good.write_bytes(b"good\n")
+    run = _dlogctl_submit(service.socket_path, good, service.work / "missing.log")
+    assert run.returncode == 1, run.stderr
+    (line,) = run.stdout.splitlines()
+    assert line.startswith(f"{good}: spooled as audit/") and line.endswith("(5 bytes)")
+    service.expect(Response(Code.OK, line.split(" spooled as ")[1].split(" (")[0], 5), b"good\n")
+    assert "missing.log: [Errno 2]" in run.stderr
+
+
+def test_dlogctl_submit_refusal_exits_1_with_the_reason(service: Service) -> None:
+    good = service.work / "good.log"
+    good.write_bytes(b"good\n")
+    run = _dlogctl_submit(service.socket_path, good, keyword="nosuch")
+    assert run.returncode == 1
+    assert "refused:" in run.stderr and "nosuch" in run.stderr
+
+
+def test_dlogctl_submit_without_a_service_exits_3(tmp_path: Path) -> None:
+    good = tmp_path / "good.log"
+    good.write_bytes(b"good\n")
+    run = _dlogctl_submit(tmp_path / "no.sock", good)
+    assert run.returncode == 3, run.stderr
+    assert "cannot reach the submit service" in run.stderr
