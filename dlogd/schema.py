@@ -417,7 +417,25 @@ def _cross_check(data: dict[str, Any], role: str, shaped: Shaped) -> list[Proble
             seen.add(name)
         if role == "client":
             problems.extend(_check_principals(kw_name, keyword, shaped))
+        else:
+            problems.extend(_check_dirs(kw_name, keyword, shaped))
     return problems
+
+
+RECEIVE_WRITABLE = "/var/log/remote"  # dlogd-receive@.service's ReadWritePaths=
+
+
+def _check_dirs(kw_name: str, keyword: dict[str, Any], shaped: Shaped) -> list[Problem]:
+    return [
+        Problem(
+            shaped.locate(("keyword", kw_name, "host", i)),
+            f"{directory} is outside {RECEIVE_WRITABLE}: the stock dlogd-receive@ unit "
+            "cannot write there (add it to ReadWritePaths= in a drop-in)",
+            warning=True,
+        )
+        for i, (_host, directory) in enumerate(keyword["host"])
+        if not (directory + "/").startswith(RECEIVE_WRITABLE + "/")
+    ]
 
 
 def _check_principals(kw_name: str, keyword: dict[str, Any], shaped: Shaped) -> list[Problem]:

@@ -289,6 +289,9 @@ class Spool:
             try:
                 # Our marker dir is never empty, so rename onto a live (non-empty)
                 # owed dir fails: that is the no-replace claim of the entry name.
+                # Onto an empty one (an entry just delivered, its directory not yet
+                # removed by the shipper's commit) it succeeds, and may: the name is
+                # free, and the shipper's later rmdir then fails harmlessly.
                 os.rename(new, name, src_dir_fd=kdir.owed, dst_dir_fd=kdir.owed)
             except OSError as e:
                 if e.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):

@@ -1112,3 +1112,24 @@ def test_any_arrangement_of_directives_is_a_config_or_a_config_error(text: str, 
             for problem in exc.problems:
                 assert problem.location.file == handle.name
                 assert problem.location.line >= 1
+
+
+def test_collector_dir_outside_the_units_writable_tree_is_a_warning(conf: Path) -> None:
+    text = (
+        'keyword "audit" {\n'
+        '    host "web1" dir "/var/log/remote/web1/audit";\n'
+        '    host "web2" dir "/srv/logs/web2";\n'
+        "}\n"
+        'host "web1" { }\n'
+        'host "web2" { }\n'
+    )
+    conf.write_text(text)
+    checked = config.check(str(conf), "server")
+    assert [(w.location.line, w.location.column, w.message) for w in checked.warnings] == [
+        (
+            3,
+            5,
+            "/srv/logs/web2 is outside /var/log/remote: the stock dlogd-receive@ unit "
+            "cannot write there (add it to ReadWritePaths= in a drop-in)",
+        )
+    ]
