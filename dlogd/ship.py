@@ -315,11 +315,32 @@ class Delivery:
         except FileNotFoundError:
             self.outcome.owed -= 1  # acknowledged meanwhile by an earlier run
             return
-        size = os.fstat(fd).st_size
-        digest = hash_fd(fd, size, self._keepalive).digest()
+        except OSError as exc:
+            self._unreadable(entry, exc)
+            return
+        try:
+            size = os.fstat(fd).st_size
+            digest = hash_fd(fd, size, self._keepalive).digest()
+        except OSError as exc:
+            os.close(fd)
+            self._unreadable(entry, exc)
+            return
         file_id, self.next_id = self.next_id, self.next_id + 1
         self.outgoing[file_id] = _Outgoing(entry, fd, size, digest)
         self._send(Offer(file_id, entry.keyword, entry.name, size, digest))
+
+    def _unreadable(self, entry: Entry, exc: OSError) -> None:
+        """A spool entry we cannot read is our problem, not the collector's: skip it."""
+        self.outcome.failed += 1
+        journal.send(
+            f"{entry.keyword}/{entry.name}: cannot read the spool entry: {exc.strerror or exc}",
+            message_id=journal.SHIP_FAILED,
+            priority=3,
+            keyword=entry.keyword,
+            host=self.host.name,
+            file=entry.name,
+            reason="SPOOL_UNREADABLE",
+        )
 
     def _send_file(self, file_id: int, remaining: int) -> None:
         out = self.outgoing[file_id]
