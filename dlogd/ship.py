@@ -251,8 +251,9 @@ class Delivery:
         self.conn = Connection(
             Role.SENDER, max_frame=config.limits.frame_size, window=config.limits.window
         )
-        # One buffer, header room first, so a frame goes out without being copied.
-        self.frame = bytearray(DATA_HEADER.size + self.conn.max_frame)
+        # One buffer, header room first, so a frame goes out without being copied;
+        # sized in _exchange, once the collector has agreed on the frame size.
+        self.frame = bytearray()
         self.inbox = bytearray(64 * 1024)
         self.outbox = bytearray()
         self.last_sent = time.monotonic()
