@@ -180,14 +180,14 @@ class Session:
                     stored_as=offered.already_stored,
                 )
                 return AlreadyStored(offer.file_id)
-            upload = store.begin(offer.name, offer.size, offer.sha256, offered.offset)
+            upload = store.begin(offer.name, offer.size, offer.sha256)
         except StoreError as exc:
             code = _store_code(exc)
             return self._refuse(offer, code, str(exc))
         self.incoming[offer.file_id] = _Incoming(offer, store, upload)
-        if offered.offset:
-            self._record(journal.RECEIVE_RESUMED, f"resuming at byte {offered.offset}", offer)
-        return Accept(offer.file_id, offered.offset)
+        if upload.received:
+            self._record(journal.RECEIVE_RESUMED, f"resuming at byte {upload.received}", offer)
+        return Accept(offer.file_id, upload.received)
 
     def _refuse(self, offer: Offer, code: Code, why: str) -> Refuse:
         self._record(

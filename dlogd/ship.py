@@ -62,7 +62,7 @@ from dlogd.protocol import (
     Role,
     Stored,
 )
-from dlogd.spool import Entry, Spool, crash_point
+from dlogd.spool import DrainBusy, Entry, Spool, crash_point
 from dlogd.store import hash_fd
 from dlogd.tls import TLSError, TLSStream, check_collector, client_context
 
@@ -514,6 +514,11 @@ def drain(config: ClientConfig, *, now: float | None = None) -> list[Outcome]:
     now = time.time() if now is None else now
     spool = Spool(config.spool)
     try:
+        lock_fd = spool.lock_drain()
+    except BaseException:
+        spool.close()
+        raise
+    try:
         spool.cleanup()
         retry = RetryState(config.spool, config.retry)
         shared = SharedSpool(spool)
@@ -537,6 +542,7 @@ def drain(config: ClientConfig, *, now: float | None = None) -> list[Outcome]:
             _schedule(outcome, retry)
         return waiting + done
     finally:
+        os.close(lock_fd)
         spool.close()
 
 
@@ -640,6 +646,11 @@ def main(argv: list[str] | None = None) -> int:
             if not any(o.owed for o in again):
                 break
             outcomes = again
+    except DrainBusy as exc:
+        # Not a failure: the running drain sends what we would have sent.
+        print(f"dlogd-ship: {exc}; leaving the spool to it", file=sys.stderr)
+        _status(str(exc))
+        return EXIT_DELIVERED
     except OSError as exc:
         journal.send(
             f"cannot drain spool {config.spool}: {exc}",

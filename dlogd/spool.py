@@ -7,6 +7,7 @@ Layout under the root (default /var/spool/dlogd; docs/spool.md has the why)::
     <root>/<keyword>/.owed/.new-*          marker sets being built (renamed into place)
     <root>/<keyword>/.tmp/                 copies being written (O_TMPFILE, else temp names)
     <root>/.retry/                         reserved for the shipper's backoff state
+    <root>/.drain.lock                     held (flock) by the one drain running
 
 Order of an add: markers built and fsynced under a temporary name, renamed to
 ``.owed/<entry>`` (which also claims the entry name), ``.owed`` fsynced, then the
@@ -43,6 +44,7 @@ _HOST_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:-]{0,252}\Z")
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _OWED = ".owed"
 TRIGGER = ".submitted"
+DRAIN_LOCK = ".drain.lock"
 _TMP = ".tmp"
 _NEW_PREFIX = ".new-"
 _MAX_COLLISIONS = 100_000
@@ -55,6 +57,15 @@ _AT_EMPTY_PATH = 0x1000
 
 class BadName(ValueError):
     """The caller's path has no basename usable as a spool entry name."""
+
+
+class DrainBusy(Exception):
+    """Another drain holds this spool; ``holder`` is its pid as it wrote it, if readable."""
+
+    def __init__(self, root: str, holder: str) -> None:
+        who = f" (pid {holder})" if holder else ""
+        super().__init__(f"another dlogd-ship is draining {root}{who}")
+        self.holder = holder
 
 
 @dataclass(frozen=True)
@@ -335,6 +346,30 @@ class Spool:
         return fd
 
     # -- draining (the shipper) --------------------------------------------------
+
+    def lock_drain(self) -> int:
+        """Take the spool's one drain lock; returns its descriptor (closing it releases).
+
+        Two drains at once would offer the same files on two connections and
+        race each other's acknowledgements. The lock goes with the process, so
+        a killed drain never leaves it held. Raises :class:`DrainBusy`.
+        """
+        fd = os.open(
+            DRAIN_LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+            dir_fd=self.root_fd,
+        )  # fmt: skip
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            os.close(fd)
+            raise DrainBusy(self.root, holder) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)  # for the message a second run prints
+        return fd
 
     def announce(self) -> None:
         """Wake the shipper: closing the trigger file after a write-open is the

@@ -12,7 +12,10 @@ acknowledges it:
 So a reader of the directory never sees a partial file (invariant 2), and an
 acknowledged file survives a crash (invariant 1). A partial upload is keyed by
 its offer (digest, size and name), so a resend after a crash resumes where the data
-stopped. A different file arriving under a taken name is kept as
+stopped. An upload holds an exclusive lock on its partial for as long as it has
+it open: a second connection carrying the same file at the same time is told
+to come back later, never handed the same partial to truncate or rename, so the
+bytes hashed in memory are the bytes on disk. A different file arriving under a taken name is kept as
 ``<name>.conflict-<n>``, never overwriting. Directories are opened one component
 at a time with O_NOFOLLOW: a symlink anywhere on the path is refused.
 """
@@ -22,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import fcntl
 import hashlib
 import os
 import re
@@ -49,6 +53,13 @@ class StoreError(Exception):
 class BadName(StoreError):
     def __init__(self, message: str) -> None:
         super().__init__(message, temporary=False)
+
+
+class PartialBusy(StoreError):
+    """Another upload holds this file's partial: the offer may be made again later."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"{name}: another connection is uploading this file now", temporary=True)
 
 
 class Mismatch(StoreError):
@@ -141,32 +152,32 @@ class Offered:
     """What the store says to an offer."""
 
     already_stored: str | None  # the existing file's name, when identical
-    offset: int  # bytes already held (resume); 0 for a fresh upload
 
 
 class Upload:
     """One file being received into ``.dlogd-partial/<sha256>-<size>-<name tag>``."""
 
-    def __init__(self, store: Store, name: str, size: int, sha256: bytes, offset: int) -> None:
+    def __init__(self, store: Store, name: str, size: int, sha256: bytes) -> None:
         self.store = store
         self.name = name
         self.size = size
         self.sha256 = sha256
         self.partial = _partial_name(name, sha256, size)
-        self.fd = os.open(
-            self.partial,
-            os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
-            0o640,
-            dir_fd=store.partial_fd,
-        )
+        fd = _lock_partial(store.partial_fd, self.partial, create=True)
+        assert fd is not None
+        self.fd = fd
         try:
+            # The offset is read under the lock: nobody else can change it now.
+            held = os.fstat(self.fd).st_size
+            offset = held if held <= size else 0
             # Resume: the digest runs over the bytes we already hold.
             self.digest = hash_fd(self.fd, offset, store.progress)
-            os.ftruncate(self.fd, offset)
+            if held != offset:
+                os.ftruncate(self.fd, offset)
         except BaseException:
             os.close(self.fd)
             raise
-        self.received = offset
+        self.received = offset  # the resume point the sender is told
         self.flushed = offset  # writeback started up to here
         self.stored_as: str | None = None
 
@@ -202,9 +213,11 @@ class Upload:
             raise DigestMismatch(f"{self.name}: SHA-256 of the data does not match the offer")
 
     def discard(self) -> None:
+        # Unlink while the lock is still ours, so the name we remove is our file.
+        if self.fd >= 0:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.partial, dir_fd=self.store.partial_fd)
         self.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.partial, dir_fd=self.store.partial_fd)
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -217,6 +230,46 @@ def _partial_name(name: str, sha256: bytes, size: int) -> str:
     two files of one content may be in flight on one connection at once."""
     tag = hashlib.sha256(name.encode()).hexdigest()[:16]
     return f"{sha256.hex()}-{size}-{tag}"
+
+
+def _lock_partial(partial_fd: int, name: str, *, create: bool) -> int | None:
+    """Open ``name`` and lock it exclusively; None when absent and not created.
+
+    Raises :class:`PartialBusy` while another upload holds it. The name is
+    checked to still be the inode we locked: between our open and our lock, its
+    holder may have renamed it into place or dropped it, and a lock on that old
+    inode would guard nothing.
+    """
+    flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_CREAT if create else 0)
+    for _ in range(3):
+        try:
+            fd = os.open(name, flags, 0o640, dir_fd=partial_fd)
+        except FileNotFoundError:
+            if create:
+                raise
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise PartialBusy(name) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        held = os.fstat(fd)
+        try:
+            named = os.stat(name, dir_fd=partial_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            named = None
+        if named is not None and (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino):
+            if not stat.S_ISREG(held.st_mode):
+                os.close(fd)
+                raise StoreError(f"{name}: partial is not a regular file", temporary=False)
+            return fd
+        os.close(fd)
+        if not create:
+            return None
+    raise PartialBusy(name)
 
 
 class Store:
@@ -253,14 +306,15 @@ class Store:
                 # directory fsync): make it so before the sender drops its copy.
                 os.fsync(self.dir_fd)
                 self._drop_partial(name, sha256, size)
-                return Offered(identical, 0)
-            return Offered(None, self._partial_size(name, sha256, size))
+                return Offered(identical)
+            return Offered(None)
         except OSError as exc:
             raise StoreError(f"{name}: {exc.strerror}", temporary=_temporary(exc)) from None
 
-    def begin(self, name: str, size: int, sha256: bytes, offset: int) -> Upload:
+    def begin(self, name: str, size: int, sha256: bytes) -> Upload:
+        """Open (or resume) this file's partial; ``received`` is where its data starts."""
         try:
-            upload = Upload(self, name, size, sha256, offset)
+            upload = Upload(self, name, size, sha256)
         except OSError as exc:
             raise StoreError(f"{name}: {exc.strerror}", temporary=_temporary(exc)) from None
         return upload
@@ -299,7 +353,7 @@ class Store:
             except FileExistsError:
                 if self._identical(candidate, upload.size, upload.sha256):
                     # A retry raced a lost ack: already there.
-                    self._drop_partial(upload.name, upload.sha256, upload.size)
+                    upload.discard()
                     return candidate
         raise StoreError(
             f"{upload.name}: more than {MAX_CONFLICTS} different files under this name",
@@ -335,21 +389,18 @@ class Store:
         finally:
             os.close(fd)
 
-    def _partial_size(self, name: str, sha256: bytes, size: int) -> int:
-        try:
-            st = os.stat(
-                _partial_name(name, sha256, size), dir_fd=self.partial_fd, follow_symlinks=False
-            )
-        except FileNotFoundError:
-            return 0
-        if not stat.S_ISREG(st.st_mode) or st.st_size > size:
-            self._drop_partial(name, sha256, size)
-            return 0
-        return st.st_size
-
     def _drop_partial(self, name: str, sha256: bytes, size: int) -> None:
-        with contextlib.suppress(FileNotFoundError):
+        """Remove a partial made redundant, unless an upload holds it (it will see)."""
+        try:
+            fd = _lock_partial(self.partial_fd, _partial_name(name, sha256, size), create=False)
+        except PartialBusy:
+            return
+        if fd is None:
+            return
+        try:
             os.unlink(_partial_name(name, sha256, size), dir_fd=self.partial_fd)
+        finally:
+            os.close(fd)
 
 
 def _candidates(name: str) -> Iterator[str]:

@@ -18,8 +18,8 @@ def _sha(data: bytes) -> bytes:
 def _store_file(store: Store, name: str, data: bytes) -> str:
     offered = store.offer(name, len(data), _sha(data))
     assert offered.already_stored is None
-    upload = store.begin(name, len(data), _sha(data), offered.offset)
-    upload.write(data[offered.offset :])
+    upload = store.begin(name, len(data), _sha(data))
+    upload.write(data[upload.received :])
     store.finish(upload)
     [done] = store.commit()
     assert done.stored_as is not None
@@ -33,7 +33,7 @@ def _visible(directory: Path) -> dict[str, bytes]:
 def test_stored_file_appears_only_after_commit(tmp_path: Path) -> None:
     store = Store(str(tmp_path / "web1" / "audit"))
     data = b"line\n" * 1000
-    upload = store.begin("1.audit.log", len(data), _sha(data), 0)
+    upload = store.begin("1.audit.log", len(data), _sha(data))
     upload.write(data)
     store.finish(upload)
     assert _visible(tmp_path / "web1" / "audit") == {}
@@ -65,15 +65,15 @@ def test_different_file_under_taken_name_is_kept_beside_it(tmp_path: Path) -> No
 def test_interrupted_upload_resumes_from_held_bytes(tmp_path: Path) -> None:
     data = os.urandom(100_000)
     store = Store(str(tmp_path))
-    upload = store.begin("big", len(data), _sha(data), 0)
+    upload = store.begin("big", len(data), _sha(data))
     upload.write(data[:40_000])
     upload.close()  # the connection died here
     store.close()
 
     store = Store(str(tmp_path))
-    offered = store.offer("big", len(data), _sha(data))
-    assert offered == type(offered)(None, 40_000)
-    upload = store.begin("big", len(data), _sha(data), offered.offset)
+    assert store.offer("big", len(data), _sha(data)).already_stored is None
+    upload = store.begin("big", len(data), _sha(data))
+    assert upload.received == 40_000
     upload.write(data[40_000:])
     store.finish(upload)
     store.commit()
@@ -83,7 +83,7 @@ def test_interrupted_upload_resumes_from_held_bytes(tmp_path: Path) -> None:
 def test_wrong_digest_is_refused_and_nothing_visible(tmp_path: Path) -> None:
     store = Store(str(tmp_path))
     data = b"payload"
-    upload = store.begin("x", len(data), _sha(b"something else"), 0)
+    upload = store.begin("x", len(data), _sha(b"something else"))
     upload.write(data)
     with pytest.raises(Mismatch, match="SHA-256"):
         store.finish(upload)
@@ -95,11 +95,11 @@ def test_wrong_digest_is_refused_and_nothing_visible(tmp_path: Path) -> None:
 def test_short_and_long_data_refused(tmp_path: Path) -> None:
     store = Store(str(tmp_path))
     data = b"0123456789"
-    short = store.begin("s", len(data), _sha(data), 0)
+    short = store.begin("s", len(data), _sha(data))
     short.write(data[:5])
     with pytest.raises(Mismatch, match="5 bytes received, 10 announced"):
         store.finish(short)
-    long = store.begin("l", 4, _sha(data[:4]), 0)
+    long = store.begin("l", 4, _sha(data[:4]))
     with pytest.raises(Mismatch, match="more bytes"):
         long.write(data)
     long.discard()
@@ -143,7 +143,7 @@ def test_batch_commit_makes_all_visible(tmp_path: Path) -> None:
     store = Store(str(tmp_path))
     files = {f"{i}.log": os.urandom(100 + i) for i in range(20)}
     for name, data in files.items():
-        upload = store.begin(name, len(data), _sha(data), 0)
+        upload = store.begin(name, len(data), _sha(data))
         upload.write(data)
         store.finish(upload)
     done = store.commit()
@@ -155,3 +155,39 @@ def test_empty_file(tmp_path: Path) -> None:
     store = Store(str(tmp_path))
     assert _store_file(store, "empty", b"") == "empty"
     assert _visible(tmp_path) == {"empty": b""}
+
+
+def test_a_partial_held_by_one_upload_is_refused_to_another(tmp_path: Path) -> None:
+    """Two connections carrying one file at once: the second must not share the partial.
+
+    It used to be told "resume at N", truncate the partial to N under the first
+    upload's feet, and the first renamed a file with a hole into place.
+    """
+    data = os.urandom(300_000)
+    first_store, second_store = Store(str(tmp_path)), Store(str(tmp_path))
+    first = first_store.begin("big", len(data), _sha(data))
+    first.write(data[:100_000])
+    with pytest.raises(StoreError) as refused:
+        second_store.begin("big", len(data), _sha(data))
+    assert refused.value.temporary and "another connection" in str(refused.value)
+    # The identical-file check of an offer must not drop a partial in use either.
+    assert second_store.offer("big", len(data), _sha(data)).already_stored is None
+    first.write(data[100_000:])
+    first_store.finish(first)
+    first_store.commit()
+    assert _visible(tmp_path) == {"big": data}
+    # Once the first is done the file is simply there.
+    assert second_store.offer("big", len(data), _sha(data)).already_stored == "big"
+    first_store.close()
+    second_store.close()
+
+
+def test_a_partial_released_by_a_dead_upload_resumes(tmp_path: Path) -> None:
+    data = os.urandom(50_000)
+    store = Store(str(tmp_path))
+    upload = store.begin("f", len(data), _sha(data))
+    upload.write(data[:20_000])
+    upload.close()  # the lock goes with the descriptor, as when a process dies
+    again = Store(str(tmp_path)).begin("f", len(data), _sha(data))
+    assert again.received == 20_000
+    again.close()
