@@ -24,12 +24,12 @@ from typing import Any
 import voluptuous as vol
 
 from dlogd.conflang import Location, Problem, Statement, Value
+from dlogd.names import HOST_RE
 
 Path = tuple[str | int, ...]
 Validator = Callable[[Any], Any]
 
 NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}\Z")
-HOST_RE = re.compile(r"[A-Za-z0-9_:][A-Za-z0-9_.:-]{0,252}\Z")
 FINGERPRINT_RE = re.compile(r"(?:sha256:)?((?:[0-9A-Fa-f]{2}:?){31}[0-9A-Fa-f]{2})\Z")
 SIZE_RE = re.compile(r"([0-9]+)([KMGT]?)\Z")
 DURATION_RE = re.compile(r"([0-9]+)(ms|s|min|h)?\Z")

@@ -35,12 +35,12 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from dlogd import journal
+from dlogd.names import HOST_RE
 from dlogd.submitwire import KEYWORD_RE
 
 MAX_BASENAME = 180
 _SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._+,=@-")
 _ENCODED_RE = re.compile(r"[A-Za-z0-9_+,=@%-][A-Za-z0-9._+,=@%-]{0,179}\Z")
-_HOST_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:-]{0,252}\Z")
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _OWED = ".owed"
 TRIGGER = ".submitted"
@@ -213,7 +213,7 @@ class Spool:
         if not hosts:
             raise ValueError(f"keyword {keyword!r} names no destination host")
         for host in hosts:
-            _check_name("host", host, _HOST_RE)
+            _check_name("host", host, HOST_RE)
         kdir = self._keyword(keyword)
         lock_fd = self._lock(fcntl.LOCK_SH)
         try:
@@ -473,7 +473,7 @@ class Spool:
         written into the host's marker, for the operator and for the shipper.
         Not fsynced: losing a hold in a crash costs one more offer.
         """
-        _check_name("host", host, _HOST_RE)
+        _check_name("host", host, HOST_RE)
         kdir = self._keyword(entry.keyword)
         fd = os.open(entry.name, _DIR_FLAGS, dir_fd=kdir.owed)
         try:
@@ -521,7 +521,7 @@ class Spool:
         re-send, which the collector recognises. The entry is unlinked before its
         owed directory, so no crash leaves an entry that looks owed to nobody.
         """
-        _check_name("host", host, _HOST_RE)
+        _check_name("host", host, HOST_RE)
         kdir = self._keyword(entry.keyword)
         try:
             fd = os.open(entry.name, _DIR_FLAGS, dir_fd=kdir.owed)

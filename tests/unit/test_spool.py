@@ -313,3 +313,28 @@ def test_held_entry_is_removed_once_every_host_has_it(spool: Spool, tmp_path: Pa
     assert not (tmp_path / "spool" / "audit" / entry.name).exists()
     spool.cleanup()
     assert not owed.exists()
+
+
+def test_every_host_a_client_config_accepts_can_be_owed(spool: Spool, tmp_path: Path) -> None:
+    """``host "::1"`` passed check-config, then every submit failed as INTERNAL (issue 13)."""
+    from dlogd import config
+    from dlogd.config import ClientConfig, ClientKeyword, Host
+
+    written = ClientConfig(
+        keywords={"audit": ClientKeyword("audit", frozenset({0}), frozenset(), ("::1",))},
+        hosts={"::1": Host("::1", "::1")},
+    )
+    path = tmp_path / "client.conf"
+    path.write_text(config.to_text(written))
+    checked = config.check(str(path), "client")
+    assert checked.warnings == ()
+    assert isinstance(checked.config, ClientConfig)
+    hosts = checked.config.keywords["audit"].hosts
+
+    name = add_file(spool, write(tmp_path / "x.log", b"x"), hosts=hosts)
+
+    (entry,) = spool.pending()
+    assert (entry.name, entry.owed) == (name, {"::1"})
+    spool.acknowledge(entry, "::1")
+    spool.commit()
+    assert list(spool.pending()) == []
