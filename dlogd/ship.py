@@ -175,6 +175,10 @@ class _Outgoing:
     sha256: bytes
 
 
+class AcknowledgementFailed(Exception):
+    """Applying acknowledgements broke in a way no retry cures: the run must stop."""
+
+
 class SharedSpool:
     """The spool behind a lock: one Spool object serves every collector thread.
 
@@ -182,7 +186,9 @@ class SharedSpool:
     is several file system operations, and doing them between sends would
     stall the connection. They are durable only after :meth:`commit`, as
     before; a crash before it means at worst a resend, which the collector
-    answers with ALREADY_STORED.
+    answers with ALREADY_STORED. A file system error leaves that entry owed
+    (``failure``); any other error stops the worker applying anything more and
+    makes :meth:`commit` raise :class:`AcknowledgementFailed`, never wait.
     """
 
     def __init__(self, spool: Spool) -> None:
@@ -190,9 +196,10 @@ class SharedSpool:
         self.lock = threading.Lock()
         self.unsynced = 0
         self.acks: queue.Queue[tuple[Entry, str] | None] = queue.Queue()
+        self.failure: OSError | None = None
+        self.broken: Exception | None = None
         self.worker = threading.Thread(target=self._apply_acks, name="acks", daemon=True)
         self.worker.start()
-        self.failure: OSError | None = None
 
     def open_entry(self, entry: Entry) -> int:
         with self.lock:
@@ -206,29 +213,43 @@ class SharedSpool:
             self.spool.hold(entry, host, until, reason)
 
     def _apply_acks(self) -> None:
+        # Every item is marked done whatever happens, so that commit() never waits
+        # on a queue nobody serves.
         while (item := self.acks.get()) is not None:
             try:
-                with self.lock:
-                    self.spool.acknowledge(*item)
-                    self.unsynced += 1
-                    if self.unsynced >= ACKS_PER_COMMIT:
-                        self._commit()
+                if self.broken is None:
+                    self._apply(*item)
             except OSError as exc:
                 self.failure = exc  # the entry stays owed: resent, then recognised
+            except Exception as exc:
+                self.broken = exc  # what follows stays owed too, and the run fails
             finally:
                 self.acks.task_done()
         self.acks.task_done()
 
+    def _apply(self, entry: Entry, host: str) -> None:
+        with self.lock:
+            self.spool.acknowledge(entry, host)
+            self.unsynced += 1
+            if self.unsynced >= ACKS_PER_COMMIT:
+                self._commit()
+
     def commit(self) -> None:
-        """Every acknowledgement so far applied and durable."""
+        """Every acknowledgement so far applied and durable; raises if the worker broke."""
         self.acks.join()
         with self.lock:
             self._commit()
+        if self.broken is not None:
+            raise AcknowledgementFailed(
+                f"applying acknowledgements failed: {self.broken}"
+            ) from self.broken
 
     def close(self) -> None:
-        self.commit()
-        self.acks.put(None)
-        self.worker.join()
+        try:
+            self.commit()
+        finally:
+            self.acks.put(None)
+            self.worker.join()
 
     def _commit(self) -> None:
         self.spool.commit()
@@ -651,7 +672,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dlogd-ship: {exc}; leaving the spool to it", file=sys.stderr)
         _status(str(exc))
         return EXIT_DELIVERED
-    except OSError as exc:
+    except (OSError, AcknowledgementFailed) as exc:
         journal.send(
             f"cannot drain spool {config.spool}: {exc}",
             message_id=journal.SHIP_FAILED,

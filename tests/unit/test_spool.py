@@ -338,3 +338,35 @@ def test_every_host_a_client_config_accepts_can_be_owed(spool: Spool, tmp_path: 
     spool.acknowledge(entry, "::1")
     spool.commit()
     assert list(spool.pending()) == []
+
+
+def test_a_failing_acknowledgement_fails_the_commit_instead_of_hanging(
+    spool: Spool, tmp_path: Path
+) -> None:
+    """The ack worker caught only OSError: a ValueError killed it and commit() waited forever."""
+    import threading
+
+    from dlogd.ship import SharedSpool
+
+    add_file(spool, write(tmp_path / "x.log", b"x"))
+    (entry,) = spool.pending()
+    shared = SharedSpool(spool)
+    shared.acknowledge(entry, "../not-a-host")  # Spool.acknowledge raises ValueError
+    shared.acknowledge(entry, "logs1")  # queued behind it, for a worker that is gone
+    raised: list[BaseException] = []
+
+    def commit() -> None:
+        try:
+            shared.commit()
+        except Exception as exc:
+            raised.append(exc)
+
+    committer = threading.Thread(target=commit, daemon=True)
+    committer.start()
+    committer.join(30)  # a guard against the hang, not a measurement
+    assert not committer.is_alive(), "commit() hung on a dead acknowledgement worker"
+    assert [type(e).__name__ for e in raised] == ["AcknowledgementFailed"]
+    assert "../not-a-host" in str(raised[0])
+    # Nothing after the failure was applied: the entry is still owed, to be sent again.
+    (still,) = spool.pending()
+    assert still.owed == {"logs1"}
