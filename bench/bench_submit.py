@@ -2,7 +2,7 @@
 
 Place in the flow: measures the first hop (application -> ``dlogd-submit@`` ->
 spool) exactly as systemd runs it, with ``systemd-socket-activate --accept``
-starting one ``python -m dlogd.submit`` per connection, and compares it with
+starting one ``python -m dlogd.submit_service`` per connection, and compares it with
 the same service kept running (``--listen``) so the cost of a process start
 shows. Also breaks the latency down (interpreter start, imports, config
 load, the spool's fsyncs) and measures each instance's peak memory.
@@ -202,7 +202,7 @@ def prepare(root: Path, count: int) -> Workdir:
 def activated(work: Workdir, name: str, wrapper_out: Path | None = None) -> Iterator[Path]:
     """A socket as dlogd.socket (Accept=yes) would give it: one instance per connection."""
     sock = work.root / f"{name}.sock"
-    service = [PYTHON, "-m", "dlogd.submit", "--config", str(work.config)]
+    service = [PYTHON, "-m", "dlogd.submit_service", "--config", str(work.config)]
     if wrapper_out is not None:
         service = [PYTHON, "-c", MAXRSS_WRAPPER, str(wrapper_out), *service]
     argv = ["systemd-socket-activate", "--accept", "-l", str(sock)]
@@ -216,7 +216,7 @@ def activated(work: Workdir, name: str, wrapper_out: Path | None = None) -> Iter
 def listening(work: Workdir, name: str) -> Iterator[tuple[Path, int]]:
     """The development server: one process for every connection, no start-up per submit."""
     sock = work.root / f"{name}.sock"
-    argv = [PYTHON, "-m", "dlogd.submit", "--config", str(work.config), "--listen", str(sock)]
+    argv = [PYTHON, "-m", "dlogd.submit_service", "--config", str(work.config), "--listen", str(sock)]
     with _running(argv, sock, work.root / f"{name}.log", env=work.env) as proc:
         yield sock, proc.pid
 
@@ -313,7 +313,7 @@ def instance_memory(work: Workdir, count: int) -> list[int]:
 class Breakdown:
     interpreter: float
     interpreter_no_site: float  # `python -S`: no site, so no .pth files (the editable finder)
-    imports: float  # `-m dlogd.submit --help` minus an empty interpreter
+    imports: float  # `-m dlogd.submit_service --help` minus an empty interpreter
     config_load: float
     spool_single: float  # one add + commit
     fsyncs_single: float
@@ -326,7 +326,7 @@ class Breakdown:
 
 CONFIG_LOAD = """
 import sys, time
-import dlogd.submit as service
+import dlogd.submit_service as service
 t = time.perf_counter()
 service.load(sys.argv[1])
 print(time.perf_counter() - t)
@@ -336,7 +336,7 @@ print(time.perf_counter() - t)
 def breakdown(work: Workdir, runs: int) -> Breakdown:
     env = work.env
     interpreter = command_seconds([PYTHON, "-c", "pass"], runs, env)
-    helped = command_seconds([PYTHON, "-m", "dlogd.submit", "--help"], runs, env)
+    helped = command_seconds([PYTHON, "-m", "dlogd.submit_service", "--help"], runs, env)
     loads = [
         float(subprocess.run([PYTHON, "-c", CONFIG_LOAD, str(work.config)], check=True,
                              capture_output=True, text=True, env=env).stdout)
@@ -397,7 +397,7 @@ _IMPORTTIME = re.compile(r"import time:\s+(\d+) \|\s+(\d+) \|(\s*)(\S+)")
 def importtime_top(env: dict[str, str], count: int = 12) -> list[tuple[int, int, str]]:
     """(cumulative us, self us, module) of the costliest imports of the submit service."""
     done = subprocess.run(
-        [PYTHON, "-X", "importtime", "-m", "dlogd.submit", "--help"],
+        [PYTHON, "-X", "importtime", "-m", "dlogd.submit_service", "--help"],
         capture_output=True, text=True, env=env, check=True,
     )  # fmt: skip
     rows = []
@@ -437,14 +437,14 @@ def report(results: dict[str, Latencies], memory: dict[str, str], parts: Breakdo
         "|---|---:|",
         f"| interpreter start (`python -c pass`) | {parts.interpreter * 1000:.1f} |",
         f"| of which without `site` (`python -S -c pass`) | {parts.interpreter_no_site * 1000:.1f} |",
-        f"| imports (`-m dlogd.submit --help` minus the above) | {parts.imports * 1000:.1f} |",
+        f"| imports (`-m dlogd.submit_service --help` minus the above) | {parts.imports * 1000:.1f} |",
         f"| config load from the cache (`submit.load`) | {parts.config_load * 1000:.1f} |",
         f"| spool add + commit, one file | {parts.spool_single * 1000:.2f} |",
         f"| of which in {parts.fsync_count_single:.0f} fsync calls | {parts.fsyncs_single * 1000:.2f} |",
         f"| spool add, per file in a batch of 100 + one commit | {parts.spool_batched * 1000:.2f} |",
         f"| of which in {parts.fsync_count_batched:.2f} fsync calls per file | {parts.fsyncs_batched * 1000:.2f} |",
         "",
-        "Costliest imports (`python -X importtime -m dlogd.submit --help`, microseconds):",
+        "Costliest imports (`python -X importtime -m dlogd.submit_service --help`, microseconds):",
         "",
         "| cumulative | self | module |",
         "|---:|---:|---|",

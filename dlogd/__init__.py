@@ -22,7 +22,7 @@ __all__ = ["SubmitError", "Submitted", "__version__", "submit"]
 
 
 def __getattr__(name: str) -> Any:
-    # Lazy so that ``import dlogd.submit`` in the service does not pay for the client.
+    # Lazy so that the submit service (``dlogd.submit_service``) does not pay for the client.
     if name in ("submit", "Submitted", "SubmitError"):
         from dlogd import client
 

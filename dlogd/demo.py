@@ -96,7 +96,7 @@ def run(keep: bool = False, say: Callable[[str], None] = print) -> int:
             ),
             _service(
                 [
-                    "dlogd.submit",
+                    "dlogd.submit_service",
                     "--config",
                     str(client_conf),
                     "--listen",

@@ -44,7 +44,16 @@ def run_instance(tmp_path: Path, keyword: str, source: Path, crash_at: str) -> t
     # bash, not sh: dash cannot redirect descriptors above 9.
     script = f'exec 3<&{fd} {fd}<&-; LISTEN_PID=$$ LISTEN_FDS=1 exec "$0" "$@"'
     env = {"DLOGD_CACHE_DIR": str(tmp_path / "cache"), "DLOGD_TEST_CRASH_AT": crash_at}
-    cmd = ["bash", "-c", script, sys.executable, "-m", "dlogd.submit", "--config", str(config)]
+    cmd = [
+        "bash",
+        "-c",
+        script,
+        sys.executable,
+        "-m",
+        "dlogd.submit_service",
+        "--config",
+        str(config),
+    ]
     with ours:
         proc = subprocess.Popen(cmd, pass_fds=(fd,), env=env)
         theirs.close()

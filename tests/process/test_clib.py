@@ -2,7 +2,7 @@
 
 The library is built with its own Makefile once per session; the service runs
 the way systemd runs it: ``systemd-socket-activate --accept`` starts
-``python -m dlogd.submit`` per connection with the connection on fd 3. The C
+``python -m dlogd.submit_service`` per connection with the connection on fd 3. The C
 test program runs as an unprivileged user created for the session, so the
 kernel's access checks and the service's uid/group checks are the real ones.
 """
@@ -152,7 +152,7 @@ def _running_service(world: Path, name: str, user: User, limits: str = "") -> It
                 f"DLOGD_CACHE_DIR={private / 'cache'}",
                 sys.executable,
                 "-m",
-                "dlogd.submit",
+                "dlogd.submit_service",
                 "--config",
                 str(conf),
             ],

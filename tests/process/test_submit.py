@@ -1,6 +1,6 @@
 """The submit service run exactly as systemd runs it, driven by real users over raw sockets.
 
-``systemd-socket-activate --accept`` starts one ``python -m dlogd.submit`` per
+``systemd-socket-activate --accept`` starts one ``python -m dlogd.submit_service`` per
 connection with the connection on fd 3 (LISTEN_FDS=1), as dlogd.socket does.
 Clients are forked children that drop to test users (setgroups/setgid/setuid)
 and then open and pass files themselves, as an application would.
@@ -158,7 +158,7 @@ def start_service(work: Path, config_text: str, env: dict[str, str] | None = Non
     cmd = [ACTIVATE, "--accept", "-l", str(sock)]
     for key, value in setenv.items():
         cmd += ["-E", f"{key}={value}"]
-    cmd += [sys.executable, "-m", "dlogd.submit", "--config", str(config)]
+    cmd += [sys.executable, "-m", "dlogd.submit_service", "--config", str(config)]
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 10
@@ -603,7 +603,7 @@ def test_bad_config_answers_internal(workdir: Path, users: Users) -> None:
 
 def test_more_than_one_listen_fd_is_an_error() -> None:
     proc = subprocess.run(
-        ["sh", "-c", f'LISTEN_PID=$$ LISTEN_FDS=2 exec "{sys.executable}" -m dlogd.submit'],
+        ["sh", "-c", f'LISTEN_PID=$$ LISTEN_FDS=2 exec "{sys.executable}" -m dlogd.submit_service'],
         capture_output=True,
         text=True,
         check=False,
