@@ -370,11 +370,21 @@ def wait_for_backoff(spool: Path, host: str = COLLECTOR, limit: float = 15) -> N
     time.sleep(max(0.0, min(limit, due - time.time() + 0.05)))
 
 
-def drain(site: Site, config: Path, *, runs: int = MAX_RECOVERY_RUNS) -> list[ShipRun]:
-    """Run the shipper until it says everything was delivered, honouring its backoff."""
+def drain(
+    site: Site,
+    config: Path,
+    *,
+    runs: int = MAX_RECOVERY_RUNS,
+    runner: Callable[[], ShipRun] | None = None,
+) -> list[ShipRun]:
+    """Run the shipper until it says everything was delivered, honouring its backoff.
+
+    ``runner`` runs one shipper to its end (default: on this host, ``ship()``).
+    """
+    run_once = runner or (lambda: ship(config, site.cache, timeout=SHIP_TIMEOUT))
     done: list[ShipRun] = []
     for _ in range(runs):
-        run = ship(config, site.cache, timeout=SHIP_TIMEOUT)
+        run = run_once()
         done.append(run)
         if run.returncode == 0 and not pending_entries(site.spool):
             return done
