@@ -39,7 +39,7 @@ def _client(tmp_path: Path) -> tuple[Path, list[str]]:
 
 
 def test_client_pending_per_keyword_and_collector(tmp_path: Path) -> None:
-    spool, names = _client(tmp_path)
+    spool, _ = _client(tmp_path)
     got = status.gather_client(str(spool), ["logs1", "logs2", "logs3"], now=NOW)
     rows = {(p.keyword, p.host): p for p in got.pending}
     assert set(rows) == {("audit", "logs1"), ("audit", "logs2")}
@@ -65,7 +65,7 @@ def test_held_entry_shows_its_reason(tmp_path: Path) -> None:
 
 
 def test_delivered_entries_are_no_longer_pending(tmp_path: Path) -> None:
-    spool, names = _client(tmp_path)
+    spool, _ = _client(tmp_path)
     with Spool(str(spool)) as sp:
         for entry in list(sp.pending()):
             sp.acknowledge(entry, "logs1")
