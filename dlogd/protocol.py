@@ -100,7 +100,6 @@ _TEMPORARY_CODES: Final = frozenset(
         Code.DIGEST_MISMATCH,
         Code.SIZE_MISMATCH,
         Code.TEMPORARY_FAILURE,
-        Code.INTERNAL,
         Code.TIMEOUT,
         Code.CONNECTION_CLOSED,
     }

@@ -18,6 +18,7 @@ and no acknowledgement is ever sent before its file is durable.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import socket
 import sys
@@ -50,11 +51,20 @@ from dlogd.protocol import (
     Role,
     Stored,
 )
-from dlogd.store import BadName, DigestMismatch, SizeMismatch, Store, StoreError, Upload
+from dlogd.store import (
+    BadName,
+    DigestMismatch,
+    NameConflict,
+    SizeMismatch,
+    Store,
+    StoreError,
+    Upload,
+)
 from dlogd.tls import (
     PeerRefused,
     TLSError,
     TLSStream,
+    TLSTimeout,
     identify_sender,
     server_context,
 )
@@ -297,6 +307,9 @@ def _store_code(exc: StoreError) -> Code:
         return Code.SIZE_MISMATCH
     if isinstance(exc, BadName):
         return Code.BAD_NAME
+    if isinstance(exc, NameConflict):
+        return Code.NAME_CONFLICT
+    # Permanent: only an operator cures it (a directory behind a symlink, say).
     return Code.TEMPORARY_FAILURE if exc.temporary else Code.INTERNAL
 
 
@@ -334,6 +347,19 @@ def serve(sock: socket.socket, config: ServerConfig) -> int:
             _peer_refused(peer, str(identity), f"protocol error: {exc}", host=host.name)
             # Answers already due go first, then why the connection ends.
             _tell(stream, bytes(session.outbox) + session.conn.send(Error.from_exception(exc)))
+            return 1
+        except TLSTimeout as exc:
+            why = f"nothing from the shipper for {config.limits.timeout:g} s"
+            journal.send(
+                f"connection from {host.name} ({peer}) timed out: {exc}",
+                message_id=journal.RECEIVE_REFUSED,
+                priority=4,
+                host=host.name,
+                peer=peer,
+                reason=Code.TIMEOUT.name,
+            )
+            with contextlib.suppress(ProtocolError):  # unless the connection is over
+                _tell(stream, bytes(session.outbox) + session.conn.send(Error(Code.TIMEOUT, why)))
             return 1
         except (TLSError, OSError) as exc:
             journal.send(

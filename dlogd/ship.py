@@ -46,6 +46,7 @@ from dlogd.protocol import (
     NEED_DATA,
     Accept,
     AlreadyStored,
+    Code,
     Connection,
     ConnectionClosed,
     EndOfData,
@@ -64,7 +65,7 @@ from dlogd.protocol import (
 )
 from dlogd.spool import DrainBusy, Entry, Spool, crash_point
 from dlogd.store import hash_fd
-from dlogd.tls import TLSError, TLSStream, check_collector, client_context
+from dlogd.tls import TLSError, TLSStream, TLSTimeout, check_collector, client_context
 
 EXIT_DELIVERED = 0
 EXIT_FAILED = 1
@@ -287,6 +288,14 @@ class Delivery:
                 self._exchange()
             except ProtocolError as exc:
                 self._tell(Error.from_exception(exc))  # while the stream is still open
+                raise
+            except TLSTimeout:
+                self._tell(
+                    Error(
+                        Code.TIMEOUT,
+                        f"nothing from the collector for {self.config.limits.timeout:g} s",
+                    )
+                )
                 raise
             finally:
                 self.stream.close()

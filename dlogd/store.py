@@ -62,6 +62,13 @@ class PartialBusy(StoreError):
         super().__init__(f"{name}: another connection is uploading this file now", temporary=True)
 
 
+class NameConflict(StoreError):
+    """Different files fill the offered name and every conflict name after it."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, temporary=False)
+
+
 class Mismatch(StoreError):
     """The bytes received are not the file that was offered."""
 
@@ -355,9 +362,8 @@ class Store:
                     # A retry raced a lost ack: already there.
                     upload.discard()
                     return candidate
-        raise StoreError(
-            f"{upload.name}: more than {MAX_CONFLICTS} different files under this name",
-            temporary=False,
+        raise NameConflict(
+            f"{upload.name}: more than {MAX_CONFLICTS} different files under this name"
         )
 
     def _find_identical(self, name: str, size: int, sha256: bytes) -> str | None:

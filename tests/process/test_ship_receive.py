@@ -390,6 +390,41 @@ def test_a_held_file_does_not_hold_up_the_others(site: Site) -> None:
     assert len([r for r in collector.records() if r.get("reason") == "TOO_LARGE"]) == refusals
 
 
+def test_every_conflict_name_taken_is_held_as_name_conflict(site: Site) -> None:
+    """The store's "every conflict name is taken" is permanent: sent as NAME_CONFLICT and
+    held, not as INTERNAL, which the shipper counted as temporary (issue 13)."""
+    from dlogd.store import MAX_CONFLICTS
+
+    collector = site.start()
+    site.client_config([Target(COLLECTOR, collector.port)])
+    (entry,) = site.add(make_file(site.root / "taken.log", b"the new one\n"))
+    site.store_dir().mkdir(parents=True)
+    for n in range(MAX_CONFLICTS + 1):
+        name = entry if n == 0 else f"{entry}.conflict-{n}"
+        (site.store_dir() / name).write_bytes(f"another file {n}\n".encode())
+
+    run = site.ship()
+
+    assert_held(site, run, entry, "NAME_CONFLICT")
+    assert len(visible_files(site.store_dir())) == MAX_CONFLICTS + 1  # nothing replaced
+
+
+def test_a_collector_directory_behind_a_symlink_is_held_as_internal(site: Site) -> None:
+    """A store error that only an operator can cure holds the file (INTERNAL is permanent)."""
+    elsewhere = site.root / "elsewhere"
+    elsewhere.mkdir()
+    site.store_dir().parent.mkdir(parents=True)
+    site.store_dir().symlink_to(elsewhere)
+    collector = site.start()
+    site.client_config([Target(COLLECTOR, collector.port)])
+    (entry,) = site.add(make_file(site.root / "a.log", b"a\n"))
+
+    run = site.ship()
+
+    assert_held(site, run, entry, "INTERNAL")
+    assert list(elsewhere.iterdir()) == []  # the symlink was not followed
+
+
 # --- dedup ---------------------------------------------------------------------------------
 
 
@@ -660,6 +695,28 @@ def test_sender_with_no_common_version_is_told_why_and_logged(site: Site) -> Non
     refusal = one_refusal(collector)
     assert refusal.get("reason").startswith("UNSUPPORTED_VERSION")
     assert "Traceback" not in collector.stderr_path.read_text()
+
+
+def test_an_idle_sender_is_told_timeout(site: Site) -> None:
+    """The collector's idle timer ends the connection with ERROR TIMEOUT, as the spec says."""
+    collector = site.start(timeout=1)
+    tls = site.pki.tls(site.pki.fleet.sender)
+    sock = socket.create_connection((LOOPBACK, collector.port), timeout=10)
+    stream = TLSStream(sock, client_context(tls), server_side=False, timeout=10)
+    conn = Connection(Role.SENDER)
+    try:
+        stream.handshake()
+        stream.sendall(conn.send(conn.hello()))
+        reply = b""
+        while chunk := stream.recv(65536):  # then nothing more: the collector gives up
+            reply += chunk
+    finally:
+        stream.close()
+    conn.receive_data(reply)
+    assert isinstance(conn.next_event(), HelloReply)
+    told = conn.next_event()
+    assert isinstance(told, Error) and told.code == Code.TIMEOUT, told
+    assert any(r.get("reason") == "TIMEOUT" for r in collector.records())
 
 
 @pytest.mark.slow

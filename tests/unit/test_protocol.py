@@ -1152,5 +1152,6 @@ def test_truncation_at_every_byte_is_need_data_then_eof_is_an_error(role: Role) 
 
 def test_codes_say_whether_to_retry() -> None:
     assert Code.TEMPORARY_FAILURE.temporary and Code.TIMEOUT.temporary
+    assert not Code.INTERNAL.temporary and not Code.NAME_CONFLICT.temporary
     assert not Code.KEYWORD_NOT_ALLOWED.temporary and not Code.MALFORMED.temporary
     assert isinstance(RemoteProtocolError(Code.MALFORMED, "x"), ProtocolError)
