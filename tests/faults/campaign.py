@@ -16,6 +16,7 @@ counts; anything else runs the short CI form.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -29,6 +30,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -211,10 +213,12 @@ def leftovers(spool: Path, store_dir: Path) -> tuple[list[str], list[str]]:
     return left, retry
 
 
-def audit(ledger: Ledger, site: Site, store_dir: Path | None = None) -> Findings:
+def audit(
+    ledger: Ledger, site: Site, store_dir: Path | None = None, spool: Path | None = None
+) -> Findings:
     store = store_dir or site.store_dir()
     found = check_store(ledger, store)
-    found.leftovers, found.retry_left = leftovers(site.spool, store)
+    found.leftovers, found.retry_left = leftovers(spool or site.spool, store)
     return found
 
 
@@ -376,6 +380,7 @@ def drain(
     *,
     runs: int = MAX_RECOVERY_RUNS,
     runner: Callable[[], ShipRun] | None = None,
+    spool: Path | None = None,
 ) -> list[ShipRun]:
     """Run the shipper until it says everything was delivered, honouring its backoff.
 
@@ -386,13 +391,51 @@ def drain(
     for _ in range(runs):
         run = run_once()
         done.append(run)
-        if run.returncode == 0 and not pending_entries(site.spool):
+        if run.returncode == 0 and not pending_entries(spool or site.spool):
             return done
         assert run.returncode in (0, EX_TEMPFAIL), run.stderr
-        wait_for_backoff(site.spool)
+        wait_for_backoff(spool or site.spool)
     raise AssertionError(
         f"not drained after {runs} runs; last: {done[-1].returncode} {done[-1].stderr[-2000:]}"
     )
+
+
+def _state(pid: int) -> str:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return "gone"
+    return stat.rpartition(")")[2].split()[0]
+
+
+def _stopped(pid: int) -> bool:
+    return _state(pid) in ("T", "t", "Z", "X", "gone")
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def freeze(pid: int) -> int:
+    """SIGSTOP a process, then its descendants, each confirmed stopped: the instant of a
+    cut. The parent first, so that it forks no new child once its children are listed;
+    "stopped" is waited for because a process inside fsync stops only when it returns.
+    Returns how many processes were frozen."""
+    frozen = 0
+    todo = [pid]
+    while todo:
+        current = todo.pop()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(current, signal.SIGSTOP)
+        if reached(partial(_stopped, current), 10, 0.001):
+            frozen += 1
+        else:
+            raise AssertionError(f"process {current} did not stop within 10 s")
+        todo += _children(current)
+    return frozen
 
 
 def pending_entries(spool: Path) -> list[str]:
