@@ -258,7 +258,10 @@ class Tally:
         elapsed = time.monotonic() - self.started
         lines = [f"== {self.name}: {self.counts['trials']} trials in {elapsed:.0f} s"]
         lines += [f"   {k} = {v}" for k, v in sorted(self.counts.items())]
-        lines += [f"   {k} = {v:g}" for k, v in sorted(self.figures.items())]
+        lines += [
+            f"   {k} = {v:.6g}" if isinstance(v, float) else f"   {k} = {v}"
+            for k, v in sorted(self.figures.items())
+        ]
         if self.failures:
             lines.append(f"   failing seeds: {sorted(self.failures)}")
         text = "\n".join(lines)
