@@ -256,7 +256,8 @@ class Tally:
 
     def report(self) -> str:
         elapsed = time.monotonic() - self.started
-        lines = [f"== {self.name}: {self.counts['trials']} trials in {elapsed:.0f} s"]
+        trials = f"{self.counts['trials']} trials in " if self.counts["trials"] else ""
+        lines = [f"== {self.name}: {trials}{elapsed:.0f} s"]
         lines += [f"   {k} = {v}" for k, v in sorted(self.counts.items())]
         lines += [
             f"   {k} = {v:.6g}" if isinstance(v, float) else f"   {k} = {v}"

@@ -152,7 +152,7 @@ def _wait_random_instant(rng: random.Random, site: Site, n_files: int) -> None:
 
 def test_kill_campaign(tmp_path: Path, pki_set: Pki, capsys: pytest.CaptureFixture[str]) -> None:
     tally = Tally("kill-campaign")
-    for seed in seeds(count(ci=16, full=220)):
+    for seed in seeds(count(ci=24, full=220)):
         run_trial(tmp_path, pki_set, seed, tally)
     tally.show(capsys)
     tally.assert_clean()
