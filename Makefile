@@ -37,3 +37,14 @@ test: lint clib
 clean:
 	$(MAKE) -C clib clean
 	rm -rf $(VENV) build *.egg-info
+
+# The full fault campaign (docs/reliability.md): the same tests as CI's short
+# form, with the full counts (220 kill -9 trials, 100 power cuts, 1,000,000+
+# fuzzed inputs, 20,000+ live sessions...). Needs root; tens of minutes.
+# Figures land in build/campaign/*.json; DLOGD_CAMPAIGN_SEED=<seed> replays one trial.
+.PHONY: campaign
+campaign: setup
+	DLOGD_CAMPAIGN=full DLOGD_CAMPAIGN_REPORT=build/campaign $(VENV)/bin/pytest -q -rxX \
+		tests/faults/test_kill_campaign.py tests/faults/test_powercut.py \
+		tests/faults/test_restart_storm.py tests/faults/test_network_faults.py \
+		tests/faults/test_race_campaign.py tests/faults/test_live_fuzz.py
