@@ -16,6 +16,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from dlogd.names import DEFAULT_FRAME, DEFAULT_WINDOW
+
 if TYPE_CHECKING:
     # The parser is only needed when the cache is stale: keep it off the hot path.
     from dlogd.conflang import Problem, Sources
@@ -43,8 +45,8 @@ class Limits:
     max_file_size: int = 64 * 1024**3
     max_connections: int = 64
     timeout: float = 60.0  # seconds without progress before a peer is dropped
-    window: int = 64  # files offered before their acknowledgements arrive
-    frame_size: int = 256 * 1024
+    window: int = DEFAULT_WINDOW  # files offered before their acknowledgements arrive
+    frame_size: int = DEFAULT_FRAME
     max_batch: int = 256  # submits fsynced together
 
 

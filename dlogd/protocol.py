@@ -42,18 +42,21 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final, TypeAlias
 
-from dlogd.submitwire import KEYWORD_RE
+from dlogd.names import (
+    DEFAULT_FRAME,
+    DEFAULT_WINDOW,
+    KEYWORD_RULE,
+    MAX_FRAME,
+    MAX_KEYWORD,
+    MAX_WINDOW,
+    MIN_FRAME,
+    is_keyword,
+)
 
 PORT: Final = 7878
 MAGIC: Final = b"DLOG"
 SUPPORTED_VERSIONS: Final = (1,)
 MAX_VERSIONS: Final = 16
-MIN_FRAME: Final = 4096
-MAX_FRAME: Final = 1 << 20
-DEFAULT_FRAME: Final = 256 << 10
-MAX_WINDOW: Final = 1024
-DEFAULT_WINDOW: Final = 128
-MAX_KEYWORD: Final = 64
 MAX_NAME: Final = 255
 MAX_MESSAGE: Final = 1024
 MAX_SIZE: Final = (1 << 63) - 1
@@ -232,9 +235,9 @@ class Offer:
     def __post_init__(self) -> None:
         _check_int("file_id", self.file_id, _U32_MAX)
         _require(
-            isinstance(self.keyword, str) and KEYWORD_RE.match(self.keyword) is not None,
+            isinstance(self.keyword, str) and is_keyword(self.keyword),
             Code.MALFORMED,
-            f"keyword {self.keyword!r} is not 1..{MAX_KEYWORD} of [A-Za-z0-9_.-]",
+            f"keyword {self.keyword!r}: expected {KEYWORD_RULE}",
         )
         _check_name(self.name)
         _check_int("size", self.size, MAX_SIZE)

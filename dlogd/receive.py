@@ -52,12 +52,12 @@ from dlogd.protocol import (
     Stored,
 )
 from dlogd.store import (
-    BadName,
     DigestMismatch,
     NameConflict,
     SizeMismatch,
     Store,
     StoreError,
+    UnsafeName,
     Upload,
 )
 from dlogd.tls import (
@@ -305,7 +305,7 @@ def _store_code(exc: StoreError) -> Code:
         return Code.DIGEST_MISMATCH
     if isinstance(exc, SizeMismatch):
         return Code.SIZE_MISMATCH
-    if isinstance(exc, BadName):
+    if isinstance(exc, UnsafeName):
         return Code.BAD_NAME
     if isinstance(exc, NameConflict):
         return Code.NAME_CONFLICT

@@ -24,12 +24,20 @@ from typing import Any
 import voluptuous as vol
 
 from dlogd.conflang import Location, Problem, Statement, Value
-from dlogd.names import HOST_RE
+from dlogd.names import (
+    ACCOUNT_RE,
+    HOST_RULE,
+    KEYWORD_RULE,
+    MAX_FRAME,
+    MAX_WINDOW,
+    MIN_FRAME,
+    is_host,
+    is_keyword,
+)
 
 Path = tuple[str | int, ...]
 Validator = Callable[[Any], Any]
 
-NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}\Z")
 FINGERPRINT_RE = re.compile(r"(?:sha256:)?((?:[0-9A-Fa-f]{2}:?){31}[0-9A-Fa-f]{2})\Z")
 SIZE_RE = re.compile(r"([0-9]+)([KMGT]?)\Z")
 DURATION_RE = re.compile(r"([0-9]+)(ms|s|min|h)?\Z")
@@ -138,15 +146,15 @@ def absolute_path(value: Any) -> str:
 
 def identifier(value: Any) -> str:
     name = text(value)
-    if not NAME_RE.match(name):
-        raise _fail(f"{name!r}: expected 1-64 of A-Z a-z 0-9 _ . - (not starting with . or -)")
+    if not is_keyword(name):
+        raise _fail(f"{name!r}: expected {KEYWORD_RULE}")
     return name
 
 
 def host_name(value: Any) -> str:
     name = text(value)
-    if not HOST_RE.match(name):
-        raise _fail(f"{name!r}: expected a host name or address (A-Z a-z 0-9 _ . : -)")
+    if not is_host(name):
+        raise _fail(f"{name!r}: expected {HOST_RULE}")
     return name
 
 
@@ -161,7 +169,7 @@ def port(value: Any) -> int:
 def uid(value: Any) -> int | str:
     """A numeric uid, or a user name resolved later (a missing user is a warning)."""
     if isinstance(value, str) and not value.isdigit():
-        if not NAME_RE.match(value):
+        if not ACCOUNT_RE.match(value):
             raise _fail(f"{value!r}: expected a numeric uid or a user name")
         return value
     number = int(value)
@@ -172,7 +180,7 @@ def uid(value: Any) -> int | str:
 
 def group(value: Any) -> str:
     name = text(value)
-    if not NAME_RE.match(name):
+    if not ACCOUNT_RE.match(name):
         raise _fail(f"{name!r}: expected a group name")
     return name
 
@@ -193,16 +201,16 @@ def size(value: Any) -> int:
 
 def window(value: Any) -> int:
     """Files in flight: the protocol's own bound (docs/protocol.md, Limits)."""
-    if not isinstance(value, int) or not 1 <= value <= 1024:
-        raise _fail(f"{value!r}: expected a whole number from 1 to 1024")
+    if not isinstance(value, int) or not 1 <= value <= MAX_WINDOW:
+        raise _fail(f"{value!r}: expected a whole number from 1 to {MAX_WINDOW}")
     return value
 
 
 def frame_size(value: Any) -> int:
     """Bytes per DATA frame: the protocol allows 4K to 1M."""
     number = size(value)
-    if not 4096 <= number <= 1024 * 1024:
-        raise _fail(f"{value!r}: expected a size from 4K to 1M")
+    if not MIN_FRAME <= number <= MAX_FRAME:
+        raise _fail(f"{value!r}: expected a size from {MIN_FRAME // 1024}K to {MAX_FRAME >> 20}M")
     return number
 
 

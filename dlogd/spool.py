@@ -35,12 +35,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from dlogd import journal
-from dlogd.names import HOST_RE
-from dlogd.submitwire import KEYWORD_RE
+from dlogd.names import BASENAME_RE, HOST_RE, KEYWORD_RE, entry_name
 
-MAX_BASENAME = 180
-_SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._+,=@-")
-_ENCODED_RE = re.compile(r"[A-Za-z0-9_+,=@%-][A-Za-z0-9._+,=@%-]{0,179}\Z")
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _OWED = ".owed"
 TRIGGER = ".submitted"
@@ -53,10 +49,6 @@ _COPY_CHUNK = 64 * 1024 * 1024
 # without CAP_FOWNER, a file already deleted (nlink 0), too many links.
 _LINK_FALLBACK = frozenset({errno.EXDEV, errno.EPERM, errno.ENOENT, errno.EMLINK})
 _AT_EMPTY_PATH = 0x1000
-
-
-class BadName(ValueError):
-    """The caller's path has no basename usable as a spool entry name."""
 
 
 class DrainBusy(Exception):
@@ -91,29 +83,6 @@ class Added:
     @property
     def path(self) -> str:
         return f"{self.keyword}/{self.name}"
-
-
-def entry_basename(path: bytes) -> str:
-    """The caller's basename, encoded so that it is a safe file name anywhere.
-
-    Bytes in ``[A-Za-z0-9._+,=@-]`` are kept, every other byte becomes ``%XX``,
-    a leading ``.`` becomes ``%2E``; the result is cut to 180 bytes without
-    splitting an escape. Raises :class:`BadName` for an empty, ``.`` or ``..`` name.
-    """
-    base = path.rstrip(b"/").rpartition(b"/")[2]
-    if base in (b"", b".", b".."):
-        raise BadName(f"path {path[:200]!r} has no usable basename")
-    parts = [chr(b) if b in _SAFE else f"%{b:02X}" for b in base]
-    if base.startswith(b"."):
-        parts[0] = "%2E"
-    out: list[str] = []
-    length = 0
-    for part in parts:
-        if length + len(part) > MAX_BASENAME:
-            break
-        out.append(part)
-        length += len(part)
-    return "".join(out)
 
 
 def _check_name(kind: str, value: str, pattern: re.Pattern[str]) -> None:
@@ -204,12 +173,12 @@ class Spool:
     ) -> Added:
         """Spool the open file ``source_fd`` for ``hosts``; durable after :meth:`commit`.
 
-        ``basename`` comes from :func:`entry_basename`. The file is hard-linked
+        ``basename`` comes from :func:`dlogd.names.entry_basename`. The file is hard-linked
         unless ``copy`` is set or linking is impossible (other file system,
         protected_hardlinks, deleted file), in which case the descriptor's bytes
         are copied (``st_size`` at the time of the call, constant memory).
         """
-        _check_name("entry basename", basename, _ENCODED_RE)
+        _check_name("entry basename", basename, BASENAME_RE)
         if not hosts:
             raise ValueError(f"keyword {keyword!r} names no destination host")
         for host in hosts:
@@ -294,7 +263,7 @@ class Spool:
 
     def _rename_to_free_name(self, kdir: _KeywordDir, new: str, basename: str, now: int) -> str:
         for n in range(_MAX_COLLISIONS):
-            name = f"{now}.{basename}" if n == 0 else f"{now}-{n}.{basename}"
+            name = entry_name(now, n, basename)
             if _exists(kdir.fd, name):
                 continue
             try:

@@ -28,15 +28,13 @@ import errno
 import fcntl
 import hashlib
 import os
-import re
 import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+from dlogd.names import MAX_CONFLICTS, STORED_NAME_RULE, conflict_name, is_stored_name
+
 PARTIAL_DIR = ".dlogd-partial"
-MAX_NAME = 240  # leaves room for ".conflict-1000" within NAME_MAX
-NAME_RE = re.compile(r"[A-Za-z0-9_+,=@%-][A-Za-z0-9._+,=@%-]{0,239}\Z")
-MAX_CONFLICTS = 1000
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _HASH_CHUNK = 4 * 1024 * 1024
 WRITEBACK_CHUNK = 32 * 1024 * 1024
@@ -50,7 +48,9 @@ class StoreError(Exception):
         self.temporary = temporary
 
 
-class BadName(StoreError):
+class UnsafeName(StoreError):
+    """The offered name is not one the store keeps a file under."""
+
     def __init__(self, message: str) -> None:
         super().__init__(message, temporary=False)
 
@@ -86,11 +86,8 @@ class DigestMismatch(Mismatch):
 
 def check_name(name: str) -> None:
     """The sender never chooses a path: a plain basename of safe characters."""
-    if len(name.encode()) > MAX_NAME or not NAME_RE.match(name):
-        raise BadName(
-            f"file name {name!r} refused: expected 1-{MAX_NAME} of A-Z a-z 0-9 . _ + , = @ % -,"
-            " not starting with a dot"
-        )
+    if not is_stored_name(name):
+        raise UnsafeName(f"file name {name!r} refused: expected {STORED_NAME_RULE}")
 
 
 def open_directory(path: str, *, create: bool = True) -> int:
@@ -412,7 +409,7 @@ class Store:
 def _candidates(name: str) -> Iterator[str]:
     yield name
     for n in range(1, MAX_CONFLICTS + 1):
-        yield f"{name}.conflict-{n}"
+        yield conflict_name(name, n)
 
 
 def _flush(fds: list[int]) -> None:

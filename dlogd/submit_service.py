@@ -38,7 +38,8 @@ from dlogd.config import (
     load_client,
     load_logged,
 )
-from dlogd.spool import Added, BadName, Spool, crash_point, entry_basename
+from dlogd.names import BadBasename, entry_basename
+from dlogd.spool import Added, Spool, crash_point
 from dlogd.submitwire import Code, Request, Response, WireError
 
 MAX_FDS_PER_MESSAGE = 16  # room to notice (and close) extra descriptors
@@ -249,7 +250,7 @@ class Handler:
         size = _check_descriptor(fd, self.config.limits)
         try:
             basename = entry_basename(request.path)
-        except BadName as e:
+        except BadBasename as e:
             raise Refused(Code.BAD_NAME, str(e)) from None
         try:
             return self.spool.add(keyword.name, fd, basename, keyword.hosts, copy=keyword.copy)

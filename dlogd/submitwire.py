@@ -9,18 +9,17 @@ from __future__ import annotations
 
 import enum
 import errno
-import re
 import struct
 from dataclasses import dataclass
+
+from dlogd.names import KEYWORD_RULE, MAX_KEYWORD, is_keyword
 
 REQUEST_MAGIC = b"DLS1"
 RESPONSE_MAGIC = b"DLR1"
 REQUEST_HEADER = struct.Struct(">4sHH")
 RESPONSE_HEADER = struct.Struct(">4sBBHQ")
-MAX_KEYWORD = 64
 MAX_PATH = 4096
 MAX_MESSAGE = 4096
-KEYWORD_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}\Z")
 
 
 class Code(enum.IntEnum):
@@ -62,8 +61,8 @@ class Request:
     path: bytes
 
     def __post_init__(self) -> None:
-        if not KEYWORD_RE.match(self.keyword):
-            raise WireError(f"keyword {self.keyword!r} is not 1-64 of [A-Za-z0-9_.-]")
+        if not is_keyword(self.keyword):
+            raise WireError(f"keyword {self.keyword!r}: expected {KEYWORD_RULE}")
         if not 1 <= len(self.path) <= MAX_PATH or b"\0" in self.path:
             raise WireError(f"path must be 1-{MAX_PATH} bytes without NUL")
 

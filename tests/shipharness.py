@@ -30,7 +30,8 @@ import pytest
 
 from dlogd import journal, pki
 from dlogd.config import TLSFiles
-from dlogd.spool import Spool, entry_basename
+from dlogd.names import entry_basename
+from dlogd.spool import Spool
 from tests.tlsfixtures import COLLECTOR, LOOPBACK, SENDER, Fleet, make_fleet
 
 REPO = Path(__file__).resolve().parent.parent

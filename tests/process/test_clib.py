@@ -10,6 +10,7 @@ kernel's access checks and the service's uid/group checks are the real ones.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import grp
 import os
@@ -29,8 +30,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from dlogd import client
+from dlogd import client, names
 
 pytestmark = pytest.mark.process
 
@@ -502,3 +505,28 @@ def test_user_and_group_names_are_real(user: User) -> None:
     # Guards the fixtures: a config naming a group that does not exist would
     # make the group test pass or fail for the wrong reason.
     assert user.name in grp.getgrnam(user.group).gr_mem
+
+
+keyword_candidates = st.from_regex(names.KEYWORD_RE, fullmatch=True) | st.text(
+    st.characters(exclude_characters="\0"), max_size=70
+)
+
+
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(keyword=keyword_candidates)
+def test_c_keyword_check_is_the_shared_rule(build: Build, tmp_path: Path, keyword: str) -> None:
+    """libdlogd refuses exactly the keywords dlogd.names refuses (one table, two languages)."""
+    lib = ctypes.CDLL(str(build.library), use_errno=True)
+    lib.dlogd_submit.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
+    lib.dlogd_last_message.restype = ctypes.c_char_p
+    os.environ["DLOGD_SOCKET"] = str(tmp_path / "absent.sock")
+    try:
+        rc = lib.dlogd_submit(bytes(build.program), keyword.encode())
+        err = ctypes.get_errno()
+    finally:
+        del os.environ["DLOGD_SOCKET"]
+    assert rc == -1
+    refused = err == errno.EINVAL and lib.dlogd_last_message().startswith(b"keyword must be")
+    assert refused == (not names.is_keyword(keyword)), (keyword, err, lib.dlogd_last_message())

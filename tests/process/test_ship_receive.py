@@ -393,7 +393,7 @@ def test_a_held_file_does_not_hold_up_the_others(site: Site) -> None:
 def test_every_conflict_name_taken_is_held_as_name_conflict(site: Site) -> None:
     """The store's "every conflict name is taken" is permanent: sent as NAME_CONFLICT and
     held, not as INTERNAL, which the shipper counted as temporary (issue 13)."""
-    from dlogd.store import MAX_CONFLICTS
+    from dlogd.names import MAX_CONFLICTS
 
     collector = site.start()
     site.client_config([Target(COLLECTOR, collector.port)])

@@ -17,6 +17,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+import dlogd.names
 from dlogd import config
 from dlogd.config import (
     DEFAULT_PORT,
@@ -32,8 +33,10 @@ from dlogd.config import (
 
 REPO = Path(__file__).resolve().parents[2]
 
-names = st.from_regex(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,15}", fullmatch=True)
-host_names = st.from_regex(r"[A-Za-z0-9_:][A-Za-z0-9_.:-]{0,20}", fullmatch=True)
+# Drawn from the one table every module checks against (dlogd.names), so a config
+# that parses here is one the spool, the wire formats and the store accept too.
+names = st.from_regex(dlogd.names.KEYWORD_RE, fullmatch=True)
+host_names = st.from_regex(dlogd.names.HOST_RE, fullmatch=True)
 segments = st.text(
     st.characters(exclude_characters="/\0", exclude_categories=["Cs"]),
     min_size=1,
@@ -56,8 +59,8 @@ def limits(durations: st.SearchStrategy[float]) -> st.SearchStrategy[Limits]:
         max_file_size=sizes,
         max_connections=positives,
         timeout=durations,
-        window=st.integers(1, 1024),
-        frame_size=st.integers(4096, 1024 * 1024),
+        window=st.integers(1, dlogd.names.MAX_WINDOW),
+        frame_size=st.integers(dlogd.names.MIN_FRAME, dlogd.names.MAX_FRAME),
         max_batch=positives,
     )
 

@@ -17,13 +17,12 @@ from typing import TypedDict, Unpack
 
 import pytest
 
+from dlogd.names import MAX_FRAME, MIN_FRAME
 from dlogd.protocol import (
     DATA_HEADER,
     HEADER,
     MAX_BUFFERED,
-    MAX_FRAME,
     MAX_MESSAGE,
-    MIN_FRAME,
     NEED_DATA,
     Accept,
     AlreadyStored,

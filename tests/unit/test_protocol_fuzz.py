@@ -27,8 +27,8 @@ from test_protocol import (
     replay,
 )
 
+from dlogd.names import MIN_FRAME
 from dlogd.protocol import (
-    MIN_FRAME,
     Accept,
     AlreadyStored,
     Code,

@@ -12,7 +12,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dlogd.spool import MAX_BASENAME, BadName, Entry, Spool, entry_basename
+from dlogd.names import MAX_BASENAME, BadBasename, entry_basename
+from dlogd.spool import Entry, Spool
 
 SAFE_RE = re.compile(r"[A-Za-z0-9._+,=@%-]+\Z")
 NOW = 1_700_000_000
@@ -64,7 +65,7 @@ def test_entry_basename_encodes(path: bytes, expected: str) -> None:
 
 @pytest.mark.parametrize("path", [b"", b"/", b".", b"..", b"/a/..", b"a/./", b"//"])
 def test_entry_basename_refuses_empty_and_dots(path: bytes) -> None:
-    with pytest.raises(BadName):
+    with pytest.raises(BadBasename):
         entry_basename(path)
 
 

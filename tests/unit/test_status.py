@@ -11,7 +11,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from dlogd import status
-from dlogd.spool import Spool, entry_basename
+from dlogd.names import entry_basename
+from dlogd.spool import Spool
 from dlogd.store import Store
 
 NOW = 1_800_000_000.0

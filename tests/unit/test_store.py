@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from dlogd.store import PARTIAL_DIR, BadName, Mismatch, Store, StoreError, check_name
+from dlogd.store import PARTIAL_DIR, Mismatch, Store, StoreError, UnsafeName, check_name
 
 
 def _sha(data: bytes) -> bytes:
@@ -112,9 +112,9 @@ def test_short_and_long_data_refused(tmp_path: Path) -> None:
 )
 def test_hostile_names_refused(tmp_path: Path, name: str) -> None:
     store = Store(str(tmp_path))
-    with pytest.raises(BadName):
+    with pytest.raises(UnsafeName):
         store.offer(name, 1, _sha(b"x"))
-    with pytest.raises(BadName):
+    with pytest.raises(UnsafeName):
         check_name(name)
 
 
