@@ -10,7 +10,7 @@ Started by ``dlogd-ship.path`` (something was submitted) and
           accepted file's bytes from the offset the collector asked for
        -> on STORED / ALREADY_STORED: spool.acknowledge(entry, host)
     -> a collector that fails gets an exponential, jittered, capped backoff
-       written to <spool>/.retry/<host>.json, so neither the path unit nor the
+       written to <spool>/.retry/<host>.json (``backoff``), so neither the path unit nor the
        timer makes us hammer a collector that is down.
 
 A spool entry disappears only when every host it is owed to has acknowledged
@@ -26,13 +26,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
-import queue
-import random
 import socket
 import sys
-import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -40,7 +36,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from dlogd import journal
-from dlogd.config import DEFAULT_CLIENT_CONFIG, ClientConfig, Host, Retry, load_client, load_logged
+from dlogd.backoff import RetryState
+from dlogd.config import DEFAULT_CLIENT_CONFIG, ClientConfig, Host, load_client, load_logged
+from dlogd.crash import crash_point
+from dlogd.fsutil import hash_fd
 from dlogd.protocol import (
     DATA_HEADER,
     NEED_DATA,
@@ -63,19 +62,16 @@ from dlogd.protocol import (
     Role,
     Stored,
 )
-from dlogd.spool import DrainBusy, Entry, Spool, crash_point
-from dlogd.store import hash_fd
+from dlogd.spool import AcknowledgementFailed, DrainBusy, Entry, SharedSpool, Spool
 from dlogd.tls import TLSError, TLSStream, TLSTimeout, check_collector, client_context
 
 EXIT_DELIVERED = 0
 EXIT_FAILED = 1
 EXIT_RETRY_LATER = 75
 MAX_PARALLEL_HOSTS = 8
-ACKS_PER_COMMIT = 256
 MAX_RESCANS = 3
 SMALL_FRAME = 16 * 1024
 OUTBOX_LIMIT = 256 * 1024
-RETRY_DIR = ".retry"
 
 
 class ShipError(Exception):
@@ -119,142 +115,12 @@ class Outcome:
         return text
 
 
-class RetryState:
-    """Per-collector backoff kept on disk, so short-lived runs remember it."""
-
-    def __init__(self, spool_root: str, policy: Retry) -> None:
-        self.directory = os.path.join(spool_root, RETRY_DIR)
-        self.policy = policy
-        os.makedirs(self.directory, mode=0o700, exist_ok=True)
-
-    def _path(self, host: str) -> str:
-        return os.path.join(self.directory, f"{host}.json")
-
-    def read(self, host: str) -> dict[str, float]:
-        try:
-            fd = os.open(self._path(host), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-            with os.fdopen(fd) as handle:
-                state = json.load(handle)
-            return {"failures": float(state["failures"]), "next": float(state["next"])}
-        except (OSError, ValueError, KeyError, TypeError):
-            return {"failures": 0.0, "next": 0.0}
-
-    def due(self, host: str, now: float) -> float | None:
-        """None if the host may be tried now, else when it may."""
-        next_attempt = self.read(host)["next"]
-        return None if next_attempt <= now else next_attempt
-
-    def succeeded(self, host: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self._path(host))
-
-    def failed(self, host: str, reason: str, now: float) -> float:
-        """Record a failure; returns when to try again."""
-        failures = int(self.read(host)["failures"]) + 1
-        delay = min(self.policy.max_delay, self.policy.min_delay * 2.0 ** min(failures - 1, 32))
-        # Jitter spreads a fleet's retries after a collector comes back.
-        delay = min(self.policy.max_delay, delay * random.uniform(0.75, 1.25))
-        next_attempt = now + delay
-        self._write(host, {"failures": failures, "next": next_attempt, "error": reason[:500]})
-        return next_attempt
-
-    def _write(self, host: str, state: Mapping[str, object]) -> None:
-        tmp = f"{self._path(host)}.{os.getpid()}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            json.dump(state, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, self._path(host))
-
-
 @dataclass
 class _Outgoing:
     entry: Entry
     fd: int
     size: int
     sha256: bytes
-
-
-class AcknowledgementFailed(Exception):
-    """Applying acknowledgements broke in a way no retry cures: the run must stop."""
-
-
-class SharedSpool:
-    """The spool behind a lock: one Spool object serves every collector thread.
-
-    Acknowledgements are applied by a thread of their own: removing an entry
-    is several file system operations, and doing them between sends would
-    stall the connection. They are durable only after :meth:`commit`, as
-    before; a crash before it means at worst a resend, which the collector
-    answers with ALREADY_STORED. A file system error leaves that entry owed
-    (``failure``); any other error stops the worker applying anything more and
-    makes :meth:`commit` raise :class:`AcknowledgementFailed`, never wait.
-    """
-
-    def __init__(self, spool: Spool) -> None:
-        self.spool = spool
-        self.lock = threading.Lock()
-        self.unsynced = 0
-        self.acks: queue.Queue[tuple[Entry, str] | None] = queue.Queue()
-        self.failure: OSError | None = None
-        self.broken: Exception | None = None
-        self.worker = threading.Thread(target=self._apply_acks, name="acks", daemon=True)
-        self.worker.start()
-
-    def open_entry(self, entry: Entry) -> int:
-        with self.lock:
-            return self.spool.open_entry(entry)
-
-    def acknowledge(self, entry: Entry, host: str) -> None:
-        self.acks.put((entry, host))
-
-    def hold(self, entry: Entry, host: str, until: float, reason: str) -> None:
-        with self.lock:
-            self.spool.hold(entry, host, until, reason)
-
-    def _apply_acks(self) -> None:
-        # Every item is marked done whatever happens, so that commit() never waits
-        # on a queue nobody serves.
-        while (item := self.acks.get()) is not None:
-            try:
-                if self.broken is None:
-                    self._apply(*item)
-            except OSError as exc:
-                self.failure = exc  # the entry stays owed: resent, then recognised
-            except Exception as exc:
-                self.broken = exc  # what follows stays owed too, and the run fails
-            finally:
-                self.acks.task_done()
-        self.acks.task_done()
-
-    def _apply(self, entry: Entry, host: str) -> None:
-        with self.lock:
-            self.spool.acknowledge(entry, host)
-            self.unsynced += 1
-            if self.unsynced >= ACKS_PER_COMMIT:
-                self._commit()
-
-    def commit(self) -> None:
-        """Every acknowledgement so far applied and durable; raises if the worker broke."""
-        self.acks.join()
-        with self.lock:
-            self._commit()
-        if self.broken is not None:
-            raise AcknowledgementFailed(
-                f"applying acknowledgements failed: {self.broken}"
-            ) from self.broken
-
-    def close(self) -> None:
-        try:
-            self.commit()
-        finally:
-            self.acks.put(None)
-            self.worker.join()
-
-    def _commit(self) -> None:
-        self.spool.commit()
-        self.unsynced = 0
 
 
 class Delivery:

@@ -6,7 +6,7 @@ Layout under the root (default /var/spool/dlogd; docs/spool.md has the why)::
     <root>/<keyword>/.owed/<entry>/<host>  one empty marker per destination still owed a copy
     <root>/<keyword>/.owed/.new-*          marker sets being built (renamed into place)
     <root>/<keyword>/.tmp/                 copies being written (O_TMPFILE, else temp names)
-    <root>/.retry/                         reserved for the shipper's backoff state
+    <root>/.retry/<host>.json              the shipper's backoff per collector (``backoff``)
     <root>/.drain.lock                     held (flock) by the one drain running
 
 Order of an add: markers built and fsynced under a temporary name, renamed to
@@ -18,7 +18,8 @@ nobody ships, never a half-written one.
 
 Every access goes through directory descriptors opened with O_NOFOLLOW: the
 spool tree is never resolved through a symlink, even one planted inside it.
-A :class:`Spool` object is not thread-safe; use one per thread.
+A :class:`Spool` object is not thread-safe: the shipper's collector threads
+share one through :class:`SharedSpool`.
 """
 
 from __future__ import annotations
@@ -33,14 +34,20 @@ import stat
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import queue
 
 from dlogd import journal
+from dlogd.crash import crash_point
+from dlogd.fsutil import DIR_FLAGS
 from dlogd.names import BASENAME_RE, HOST_RE, KEYWORD_RE, entry_name
 
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _OWED = ".owed"
 TRIGGER = ".submitted"
 DRAIN_LOCK = ".drain.lock"
+RETRY_DIR = ".retry"
 _TMP = ".tmp"
 _NEW_PREFIX = ".new-"
 _MAX_COLLISIONS = 100_000
@@ -113,12 +120,12 @@ class _KeywordDir:
 def _open_dir(parent_fd: int, name: str) -> int:
     """Open a child directory without following a symlink, creating it (0700) if absent."""
     try:
-        return os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
+        return os.open(name, DIR_FLAGS, dir_fd=parent_fd)
     except FileNotFoundError:
         pass
     with contextlib.suppress(FileExistsError):  # a concurrent submit made it
         os.mkdir(name, 0o700, dir_fd=parent_fd)
-    fd = os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
+    fd = os.open(name, DIR_FLAGS, dir_fd=parent_fd)
     os.fsync(parent_fd)  # once per new directory: its name must survive before entries do
     return fd
 
@@ -132,7 +139,7 @@ class Spool:
         if create:
             os.makedirs(root, 0o700, exist_ok=True)
         self.root = root
-        self.root_fd = os.open(root, _DIR_FLAGS)
+        self.root_fd = os.open(root, DIR_FLAGS)
         self._dirs: dict[str, _KeywordDir] = {}
         self._touched: dict[int, None] = {}  # ordered set of dir fds awaiting fsync
         self._finished: list[tuple[_KeywordDir, str]] = []  # entries gone, owed dirs to drop
@@ -247,7 +254,7 @@ class Spool:
         new = f"{_NEW_PREFIX}{os.getpid()}-{time.monotonic_ns()}"
         os.mkdir(new, 0o700, dir_fd=kdir.owed)
         try:
-            fd = os.open(new, _DIR_FLAGS, dir_fd=kdir.owed)
+            fd = os.open(new, DIR_FLAGS, dir_fd=kdir.owed)
             try:
                 for host in dict.fromkeys(hosts):
                     _create_empty(host, fd)
@@ -306,7 +313,7 @@ class Spool:
     def _lock(self, how: int) -> int:
         # A fresh open file description per lock, so that two Spool objects in
         # one process exclude each other as two processes would.
-        fd = os.open(".", _DIR_FLAGS, dir_fd=self.root_fd)
+        fd = os.open(".", DIR_FLAGS, dir_fd=self.root_fd)
         try:
             fcntl.flock(fd, how)
         except BaseException:
@@ -392,7 +399,7 @@ class Spool:
         self, kdir: _KeywordDir, keyword: str, name: str, fallback: Sequence[str]
     ) -> frozenset[str]:
         try:
-            fd = os.open(name, _DIR_FLAGS, dir_fd=kdir.owed)
+            fd = os.open(name, DIR_FLAGS, dir_fd=kdir.owed)
         except FileNotFoundError:
             return self._repair_owed(kdir, keyword, name, fallback)
         except OSError as e:
@@ -413,7 +420,7 @@ class Spool:
             return frozenset()
         _warn("entry had no owed markers, owed to every configured host", keyword, name)
         os.mkdir(name, 0o700, dir_fd=kdir.owed)
-        fd = os.open(name, _DIR_FLAGS, dir_fd=kdir.owed)
+        fd = os.open(name, DIR_FLAGS, dir_fd=kdir.owed)
         try:
             for host in dict.fromkeys(fallback):
                 _create_empty(host, fd)
@@ -425,7 +432,7 @@ class Spool:
 
     def _held(self, kdir: _KeywordDir, name: str, owed: frozenset[str]) -> frozenset[str]:
         # A marker is empty until hold() writes why its host refused the entry.
-        fd = os.open(name, _DIR_FLAGS, dir_fd=kdir.owed)
+        fd = os.open(name, DIR_FLAGS, dir_fd=kdir.owed)
         try:
             return frozenset(
                 h for h in owed if os.stat(h, dir_fd=fd, follow_symlinks=False).st_size
@@ -444,7 +451,7 @@ class Spool:
         """
         _check_name("host", host, HOST_RE)
         kdir = self._keyword(entry.keyword)
-        fd = os.open(entry.name, _DIR_FLAGS, dir_fd=kdir.owed)
+        fd = os.open(entry.name, DIR_FLAGS, dir_fd=kdir.owed)
         try:
             tmp = f".{host}.hold"
             out = os.open(
@@ -461,7 +468,7 @@ class Spool:
         """(until, reason) of a hold; (0, "") when there is none."""
         kdir = self._keyword(entry.keyword)
         try:
-            fd = os.open(entry.name, _DIR_FLAGS, dir_fd=kdir.owed)
+            fd = os.open(entry.name, DIR_FLAGS, dir_fd=kdir.owed)
         except FileNotFoundError:
             return 0.0, ""
         try:
@@ -493,7 +500,7 @@ class Spool:
         _check_name("host", host, HOST_RE)
         kdir = self._keyword(entry.keyword)
         try:
-            fd = os.open(entry.name, _DIR_FLAGS, dir_fd=kdir.owed)
+            fd = os.open(entry.name, DIR_FLAGS, dir_fd=kdir.owed)
         except FileNotFoundError:
             return  # already fully acknowledged
         try:
@@ -676,7 +683,7 @@ def _list(dir_fd: int) -> list[tuple[str, int]]:
 
 
 def _has_entries(parent_fd: int, name: str) -> bool:
-    fd = os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
+    fd = os.open(name, DIR_FLAGS, dir_fd=parent_fd)
     try:
         return bool(_markers(fd))
     finally:
@@ -691,7 +698,7 @@ def _markers(owed_fd: int) -> list[str]:
 def _remove_tree(parent_fd: int, name: str) -> None:
     """Remove a marker directory (one level of plain files; nothing is followed)."""
     try:
-        fd = os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
+        fd = os.open(name, DIR_FLAGS, dir_fd=parent_fd)
     except FileNotFoundError:
         return
     try:
@@ -718,9 +725,91 @@ def _warn(what: str, keyword: str, name: str) -> None:
     )
 
 
-def crash_point(point: str) -> None:
-    """Fault-test hook: DLOGD_TEST_CRASH_AT=<point> kills the process right here."""
-    if os.environ.get("DLOGD_TEST_CRASH_AT") == point:
-        import signal
+# -- the shipper's front: one spool, many collector threads ---------------------------
 
-        os.kill(os.getpid(), signal.SIGKILL)
+ACKS_PER_COMMIT = 256  # acknowledgements made durable by one commit
+
+
+class AcknowledgementFailed(Exception):
+    """Applying acknowledgements broke in a way no retry cures: the run must stop."""
+
+
+class SharedSpool:
+    """The spool behind a lock: one Spool object serves every collector thread.
+
+    Acknowledgements are applied by a thread of their own: removing an entry
+    is several file system operations, and doing them between sends would
+    stall the connection. They are durable only after :meth:`commit`, as
+    before; a crash before it means at worst a resend, which the collector
+    answers with ALREADY_STORED. A file system error leaves that entry owed
+    (``failure``); any other error stops the worker applying anything more and
+    makes :meth:`commit` raise :class:`AcknowledgementFailed`, never wait.
+    """
+
+    def __init__(self, spool: Spool) -> None:
+        # Imported here: only the shipper builds one, the submit service never does.
+        import queue
+        import threading
+
+        self.spool = spool
+        self.lock = threading.Lock()
+        self.unsynced = 0
+        self.acks: queue.Queue[tuple[Entry, str] | None] = queue.Queue()
+        self.failure: OSError | None = None
+        self.broken: Exception | None = None
+        self.worker = threading.Thread(target=self._apply_acks, name="acks", daemon=True)
+        self.worker.start()
+
+    def open_entry(self, entry: Entry) -> int:
+        with self.lock:
+            return self.spool.open_entry(entry)
+
+    def acknowledge(self, entry: Entry, host: str) -> None:
+        self.acks.put((entry, host))
+
+    def hold(self, entry: Entry, host: str, until: float, reason: str) -> None:
+        with self.lock:
+            self.spool.hold(entry, host, until, reason)
+
+    def _apply_acks(self) -> None:
+        # Every item is marked done whatever happens, so that commit() never waits
+        # on a queue nobody serves.
+        while (item := self.acks.get()) is not None:
+            try:
+                if self.broken is None:
+                    self._apply(*item)
+            except OSError as exc:
+                self.failure = exc  # the entry stays owed: resent, then recognised
+            except Exception as exc:
+                self.broken = exc  # what follows stays owed too, and the run fails
+            finally:
+                self.acks.task_done()
+        self.acks.task_done()
+
+    def _apply(self, entry: Entry, host: str) -> None:
+        with self.lock:
+            self.spool.acknowledge(entry, host)
+            self.unsynced += 1
+            if self.unsynced >= ACKS_PER_COMMIT:
+                self._commit()
+
+    def commit(self) -> None:
+        """Every acknowledgement so far applied and durable; raises if the worker broke."""
+        self.acks.join()
+        with self.lock:
+            self._commit()
+        if self.broken is not None:
+            raise AcknowledgementFailed(
+                f"applying acknowledgements failed: {self.broken}"
+            ) from self.broken
+
+    def close(self) -> None:
+        try:
+            self.commit()
+        finally:
+            self.acks.put(None)
+            self.worker.join()
+
+    def _commit(self) -> None:
+        self.spool.commit()
+        self.unsynced = 0

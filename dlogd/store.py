@@ -32,11 +32,10 @@ import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+from dlogd.fsutil import DIR_FLAGS, hash_fd
 from dlogd.names import MAX_CONFLICTS, STORED_NAME_RULE, conflict_name, is_stored_name
 
 PARTIAL_DIR = ".dlogd-partial"
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-_HASH_CHUNK = 4 * 1024 * 1024
 WRITEBACK_CHUNK = 32 * 1024 * 1024
 
 
@@ -94,7 +93,7 @@ def open_directory(path: str, *, create: bool = True) -> int:
     """Open ``path`` one component at a time, never following a symlink."""
     if not path.startswith("/"):
         raise StoreError(f"directory {path!r} is not absolute", temporary=False)
-    fd = os.open("/", _DIR_FLAGS)
+    fd = os.open("/", DIR_FLAGS)
     try:
         for part in [p for p in path.split("/") if p]:
             if part in (".", ".."):
@@ -105,7 +104,7 @@ def open_directory(path: str, *, create: bool = True) -> int:
                     os.fsync(fd)  # the new directory must survive for what is acked in it
                 except FileExistsError:
                     pass
-            nxt = os.open(part, _DIR_FLAGS, dir_fd=fd)
+            nxt = os.open(part, DIR_FLAGS, dir_fd=fd)
             os.close(fd)
             fd = nxt
     except OSError as exc:
@@ -130,25 +129,6 @@ def _temporary(exc: OSError) -> bool:
         errno.EMFILE,
         errno.ENFILE,
     )
-
-
-def hash_fd(fd: int, length: int, progress: Callable[[], None] | None = None) -> hashlib._Hash:
-    """SHA-256 of the first ``length`` bytes of ``fd``, read with pread.
-
-    ``progress`` is called every chunk: hashing tens of GB takes minutes, and
-    the peer waiting for our answer must hear from us meanwhile (a keepalive).
-    """
-    digest = hashlib.sha256()
-    offset = 0
-    while offset < length:
-        chunk = os.pread(fd, min(_HASH_CHUNK, length - offset), offset)
-        if not chunk:
-            break
-        digest.update(chunk)
-        offset += len(chunk)
-        if progress is not None:
-            progress()
-    return digest
 
 
 @dataclass(frozen=True)
@@ -286,7 +266,7 @@ class Store:
         try:
             with contextlib.suppress(FileExistsError):
                 os.mkdir(PARTIAL_DIR, 0o700, dir_fd=self.dir_fd)
-            self.partial_fd = os.open(PARTIAL_DIR, _DIR_FLAGS, dir_fd=self.dir_fd)
+            self.partial_fd = os.open(PARTIAL_DIR, DIR_FLAGS, dir_fd=self.dir_fd)
         except OSError as exc:
             os.close(self.dir_fd)
             raise StoreError(

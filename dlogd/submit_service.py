@@ -38,8 +38,9 @@ from dlogd.config import (
     load_client,
     load_logged,
 )
+from dlogd.crash import crash_point
 from dlogd.names import BadBasename, entry_basename
-from dlogd.spool import Added, Spool, crash_point
+from dlogd.spool import Added, Spool
 from dlogd.submitwire import Code, Request, Response, WireError
 
 MAX_FDS_PER_MESSAGE = 16  # room to notice (and close) extra descriptors

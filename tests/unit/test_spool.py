@@ -347,7 +347,7 @@ def test_a_failing_acknowledgement_fails_the_commit_instead_of_hanging(
     """The ack worker caught only OSError: a ValueError killed it and commit() waited forever."""
     import threading
 
-    from dlogd.ship import SharedSpool
+    from dlogd.spool import SharedSpool
 
     add_file(spool, write(tmp_path / "x.log", b"x"))
     (entry,) = spool.pending()

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from dlogd.backoff import RetryState
 from dlogd.config import Retry
-from dlogd.ship import RetryState
 
 
 def test_delays_grow_and_stay_within_jitter_and_cap(tmp_path: Path) -> None:

@@ -1,0 +1,68 @@
+"""Per-collector backoff for the shipper, kept on disk so that short-lived runs remember it.
+
+``dlogd-ship`` is a oneshot started by a path unit and a timer: without a
+memory of failures, every submit would make it hammer a collector that is
+down. After a failure the next attempt waits an exponential, jittered,
+capped delay (``retry { min max }``); state lives in the spool's ``.retry/``
+(where: :data:`dlogd.spool.RETRY_DIR`), one ``<host>.json`` per collector.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+from collections.abc import Mapping
+
+from dlogd.config import Retry
+from dlogd.spool import RETRY_DIR
+
+
+class RetryState:
+    """Per-collector backoff kept on disk, so short-lived runs remember it."""
+
+    def __init__(self, spool_root: str, policy: Retry) -> None:
+        self.directory = os.path.join(spool_root, RETRY_DIR)
+        self.policy = policy
+        os.makedirs(self.directory, mode=0o700, exist_ok=True)
+
+    def _path(self, host: str) -> str:
+        return os.path.join(self.directory, f"{host}.json")
+
+    def read(self, host: str) -> dict[str, float]:
+        try:
+            fd = os.open(self._path(host), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            with os.fdopen(fd) as handle:
+                state = json.load(handle)
+            return {"failures": float(state["failures"]), "next": float(state["next"])}
+        except (OSError, ValueError, KeyError, TypeError):
+            return {"failures": 0.0, "next": 0.0}
+
+    def due(self, host: str, now: float) -> float | None:
+        """None if the host may be tried now, else when it may."""
+        next_attempt = self.read(host)["next"]
+        return None if next_attempt <= now else next_attempt
+
+    def succeeded(self, host: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._path(host))
+
+    def failed(self, host: str, reason: str, now: float) -> float:
+        """Record a failure; returns when to try again."""
+        failures = int(self.read(host)["failures"]) + 1
+        delay = min(self.policy.max_delay, self.policy.min_delay * 2.0 ** min(failures - 1, 32))
+        # Jitter spreads a fleet's retries after a collector comes back.
+        delay = min(self.policy.max_delay, delay * random.uniform(0.75, 1.25))
+        next_attempt = now + delay
+        self._write(host, {"failures": failures, "next": next_attempt, "error": reason[:500]})
+        return next_attempt
+
+    def _write(self, host: str, state: Mapping[str, object]) -> None:
+        tmp = f"{self._path(host)}.{os.getpid()}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            json.dump(state, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, self._path(host))
