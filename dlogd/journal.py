@@ -15,6 +15,7 @@ one line on stderr, which systemd would route to the journal anyway.
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 # Stable 128-bit ids, generated once with uuid4: never change a published one.
@@ -67,14 +68,39 @@ def _send_journal(
     return True
 
 
+STDERR_PREFIX = f"{IDENTIFIER}: "
+# One "key=value" at the end of a stderr line; a quoted value may hold blanks.
+_FIELD_AT_END = re.compile(r' ([a-z_][a-z0-9_]*)=("(?:[^"\\]|\\.)*"|[^ "]*)$')
+
+
 def _send_stderr(message: str, fields: dict[str, str | int]) -> None:
-    parts = [f"dlogd: {escape(message)}"]
+    parts = [f"{STDERR_PREFIX}{escape(message)}"]
     parts += [f"{name}={_quote(escape(str(value)))}" for name, value in fields.items()]
     try:
         sys.stderr.write(" ".join(parts) + "\n")
         sys.stderr.flush()
     except (OSError, ValueError):
         pass  # stderr closed: nowhere left to report to
+
+
+def parse_stderr(line: str) -> tuple[str, dict[str, str]] | None:
+    """(message, fields) of a line :func:`send` wrote to stderr; None for any other line.
+
+    Fields come last; they are read from the right, up to a repeated key, since a
+    message (a certificate identity "CN=web1", say) may itself hold "key=value".
+    Values stay escaped as written.
+    """
+    if not line.startswith(STDERR_PREFIX):
+        return None
+    rest = line[len(STDERR_PREFIX) :].rstrip("\n")
+    fields: dict[str, str] = {}
+    while (match := _FIELD_AT_END.search(rest)) and match.group(1) not in fields:
+        value = match.group(2)
+        if value.startswith('"'):
+            value = value[1:-1].replace('\\"', '"')
+        fields[match.group(1)] = value
+        rest = rest[: match.start()]
+    return rest, dict(reversed(list(fields.items())))
 
 
 def escape(text: str) -> str:

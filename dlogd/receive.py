@@ -18,19 +18,16 @@ and no acknowledgement is ever sent before its file is durable.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
 import socket
 import sys
 import threading
-import time
 from dataclasses import dataclass
 
 from dlogd import journal
 from dlogd.activation import inherited_connection, listen_fds
 from dlogd.config import DEFAULT_SERVER_CONFIG, ServerConfig, load_logged, load_server
+from dlogd.driver import Driver
 from dlogd.protocol import (
-    NEED_DATA,
     Accept,
     AlreadyStored,
     Code,
@@ -90,43 +87,30 @@ class _Incoming:
 class Session:
     """One shipper connection after the handshake: the protocol loop over a TLS stream."""
 
-    def __init__(self, config: ServerConfig, stream: TLSStream, host: str, peer: str) -> None:
+    def __init__(self, config: ServerConfig, link: Driver, host: str, peer: str) -> None:
         self.config = config
-        self.stream = stream
+        self.link = link
+        self.conn = link.conn
         self.host = host
         self.peer = peer
-        self.conn = Connection(
-            Role.RECEIVER, max_frame=config.limits.frame_size, window=config.limits.window
-        )
         self.stores: dict[str, Store] = {}  # keyword -> this host's directory for it
         self.incoming: dict[int, _Incoming] = {}
         self.batch: dict[Upload, Offer] = {}  # finished, not yet durable
         self.batch_bytes = 0
         self.stored = 0
-        self.outbox = bytearray()
-        self.last_sent = time.monotonic()
 
     def run(self) -> None:
-        buffer = bytearray(self.conn.max_frame + 64 * 1024)
-        view = memoryview(buffer)
         try:
             while True:
-                event = self.conn.next_event()
-                if event is NEED_DATA:
-                    if self.batch and not self.stream.readable_now():
-                        self._commit()
-                    self._flush()  # never wait for the peer with answers unsent
-                    received = self.stream.recv_into(buffer)
-                    self.conn.receive_data(view[:received] if received else b"")
-                    continue
+                # Nothing more waiting from the shipper: make the batch durable now.
+                event = self.link.next_event(before_wait=self._commit)
                 if isinstance(event, ConnectionClosed | Error):
                     self._ended(event)
                     return
                 if isinstance(event, Goodbye):
                     self._commit()
-                    self._send(Goodbye())
-                    self._flush()
-                    self.stream.shutdown()
+                    self.link.send(Goodbye())
+                    self.link.close()
                     return
                 self._handle(event)
         finally:
@@ -135,34 +119,18 @@ class Session:
     def _handle(self, event: Event) -> None:
         if isinstance(event, Hello):
             reply = self.conn.answer_hello(event)
-            self._send(reply)
+            self.link.send(reply)
             if isinstance(reply, Error):
-                self._flush()
+                self.link.flush()
                 raise Refused(f"{reply.code.name}: {reply.message}")
         elif isinstance(event, Offer):
-            self._send(self._answer(event))
+            self.link.send(self._answer(event))
         elif isinstance(event, Data):
             self._write(event)
         elif isinstance(event, EndOfData):
             self._end_of_data(event.file_id)
         elif isinstance(event, Ping):
-            self._send(Pong(event.nonce))
-
-    def _send(self, event: Event) -> None:
-        # Answers to one read go out together: one TLS record, not one per file.
-        self.outbox += self.conn.send(event)
-
-    def _flush(self) -> None:
-        if self.outbox:
-            self.stream.sendall(self.outbox)
-            self.outbox.clear()
-        self.last_sent = time.monotonic()
-
-    def _keepalive(self) -> None:
-        """While we hash a big file the shipper waits: a Ping keeps its timer happy."""
-        if time.monotonic() - self.last_sent > self.config.limits.timeout / 4:
-            self._send(Ping(os.getpid() & 0xFFFFFFFF))
-            self._flush()
+            self.link.send(Pong(event.nonce))
 
     # --- offers ---
 
@@ -208,7 +176,7 @@ class Session:
     def _store(self, keyword: str, directory: str) -> Store:
         store = self.stores.get(keyword)
         if store is None:
-            store = self.stores[keyword] = Store(directory, progress=self._keepalive)
+            store = self.stores[keyword] = Store(directory, progress=self.link.keepalive)
         return store
 
     # --- data ---
@@ -242,10 +210,12 @@ class Session:
 
     def _fail(self, offer: Offer, code: Code, why: str) -> None:
         self._record(journal.RECEIVE_REFUSED, f"failed: {why}", offer, reason=code.name, priority=4)
-        self._send(Failed(offer.file_id, code, why[:1000]))
+        self.link.send(Failed(offer.file_id, code, why[:1000]))
 
     def _commit(self) -> None:
         """Make the batch durable, then (only then) acknowledge each file in it."""
+        if not self.batch:
+            return
         batch, self.batch, self.batch_bytes = self.batch, {}, 0
         for store in {upload.store for upload in batch}:
             try:
@@ -261,7 +231,7 @@ class Session:
                 self._record(
                     journal.RECEIVE_STORED, "stored", offer, stored_as=upload.stored_as or ""
                 )
-                self._send(Stored(offer.file_id))
+                self.link.send(Stored(offer.file_id))
 
     # --- endings ---
 
@@ -317,9 +287,10 @@ def serve(sock: socket.socket, config: ServerConfig) -> int:
     """Serve one accepted connection; 0 if it ended cleanly."""
     # Read the address now: once a peer hangs up, getpeername() fails.
     peer_ip, peer = _peer_address(sock)
+    limits = config.limits
     try:
         stream = TLSStream(
-            sock, server_context(config.tls), server_side=True, timeout=config.limits.timeout
+            sock, server_context(config.tls), server_side=True, timeout=limits.timeout
         )
     except (TLSError, OSError) as exc:
         _peer_refused(peer, "", f"cannot set up TLS: {exc}")
@@ -330,45 +301,34 @@ def serve(sock: socket.socket, config: ServerConfig) -> int:
         except (TLSError, OSError) as exc:
             _peer_refused(peer, _unverified_identity(stream), f"TLS handshake failed: {exc}")
             return 1
+        conn = Connection(Role.RECEIVER, max_frame=limits.frame_size, window=limits.window)
+        # Room for a whole frame and the small messages around it, read at once.
+        link = Driver(conn, stream, timeout=limits.timeout, inbox_size=limits.frame_size + 65536)
         try:
             host = identify_sender(identity, peer_ip, config.hosts)
         except PeerRefused as exc:
             _peer_refused(peer, str(identity), f"{exc.code}: {exc}")
-            _tell(stream, Error(Code.PEER_NOT_ALLOWED, f"{exc.code}: not accepted here"))
+            link.tell(Error(Code.PEER_NOT_ALLOWED, f"{exc.code}: not accepted here"))
             return 1
-        session = Session(config, stream, host.name, peer)
         try:
-            session.run()
+            with link.telling_why("shipper"):
+                Session(config, link, host.name, peer).run()
         except Refused as exc:
             _peer_refused(peer, str(identity), str(exc), host=host.name)
-            _tell(stream, b"")  # the reason is sent: close the session cleanly
+            link.tell()  # the reason is sent: close the session cleanly
             return 1
         except ProtocolError as exc:
             _peer_refused(peer, str(identity), f"protocol error: {exc}", host=host.name)
-            # Answers already due go first, then why the connection ends.
-            _tell(stream, bytes(session.outbox) + session.conn.send(Error.from_exception(exc)))
-            return 1
-        except TLSTimeout as exc:
-            why = f"nothing from the shipper for {config.limits.timeout:g} s"
-            journal.send(
-                f"connection from {host.name} ({peer}) timed out: {exc}",
-                message_id=journal.RECEIVE_REFUSED,
-                priority=4,
-                host=host.name,
-                peer=peer,
-                reason=Code.TIMEOUT.name,
-            )
-            with contextlib.suppress(ProtocolError):  # unless the connection is over
-                _tell(stream, bytes(session.outbox) + session.conn.send(Error(Code.TIMEOUT, why)))
             return 1
         except (TLSError, OSError) as exc:
+            timed_out = isinstance(exc, TLSTimeout)
             journal.send(
-                f"connection from {host.name} ({peer}) lost: {exc}",
+                f"connection from {host.name} ({peer}) {'timed out' if timed_out else 'lost'}: {exc}",
                 message_id=journal.RECEIVE_REFUSED,
                 priority=4,
                 host=host.name,
                 peer=peer,
-                reason="CONNECTION_LOST",
+                reason=Code.TIMEOUT.name if timed_out else "CONNECTION_LOST",
             )
             return 1
     return 0
@@ -377,18 +337,6 @@ def serve(sock: socket.socket, config: ServerConfig) -> int:
 def _unverified_identity(stream: TLSStream) -> str:
     """Who the refused peer claimed to be: its certificate, which did not verify."""
     return f"{stream.presented} (unverified)" if stream.presented else "(no certificate)"
-
-
-def _tell(stream: TLSStream, message: Error | bytes) -> None:
-    """Best effort: tell the peer why before hanging up."""
-    from dlogd.protocol import encode
-
-    data = encode(message) if isinstance(message, Error) else message
-    try:
-        stream.sendall(data)
-        stream.shutdown(discard=True)  # the peer may still be sending
-    except TLSError:
-        pass
 
 
 def _peer_refused(peer: str, identity: str, why: str, *, host: str = "") -> None:

@@ -25,7 +25,6 @@ not call that a failure); 1 the drain could not run at all (config, spool).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import socket
 import sys
@@ -39,13 +38,12 @@ from dlogd import journal
 from dlogd.backoff import RetryState
 from dlogd.config import DEFAULT_CLIENT_CONFIG, ClientConfig, Host, load_client, load_logged
 from dlogd.crash import crash_point
+from dlogd.driver import Driver
 from dlogd.fsutil import hash_fd
 from dlogd.protocol import (
     DATA_HEADER,
-    NEED_DATA,
     Accept,
     AlreadyStored,
-    Code,
     Connection,
     ConnectionClosed,
     EndOfData,
@@ -63,15 +61,13 @@ from dlogd.protocol import (
     Stored,
 )
 from dlogd.spool import AcknowledgementFailed, DrainBusy, Entry, SharedSpool, Spool
-from dlogd.tls import TLSError, TLSStream, TLSTimeout, check_collector, client_context
+from dlogd.tls import TLSError, TLSStream, check_collector, client_context
 
 EXIT_DELIVERED = 0
 EXIT_FAILED = 1
 EXIT_RETRY_LATER = 75
 MAX_PARALLEL_HOSTS = 8
 MAX_RESCANS = 3
-SMALL_FRAME = 16 * 1024
-OUTBOX_LIMIT = 256 * 1024
 
 
 class ShipError(Exception):
@@ -142,29 +138,17 @@ class Delivery:
         # One buffer, header room first, so a frame goes out without being copied;
         # sized in _exchange, once the collector has agreed on the frame size.
         self.frame = bytearray()
-        self.inbox = bytearray(64 * 1024)
-        self.outbox = bytearray()
-        self.last_sent = time.monotonic()
-        self.stream: TLSStream
+        self.link: Driver  # once connected
 
     def run(self, connect: Callable[[Host, ClientConfig], TLSStream]) -> Outcome:
         try:
-            self.stream = connect(self.host, self.config)
+            stream = connect(self.host, self.config)
             try:
-                self._exchange()
-            except ProtocolError as exc:
-                self._tell(Error.from_exception(exc))  # while the stream is still open
-                raise
-            except TLSTimeout:
-                self._tell(
-                    Error(
-                        Code.TIMEOUT,
-                        f"nothing from the collector for {self.config.limits.timeout:g} s",
-                    )
-                )
-                raise
+                self.link = Driver(self.conn, stream, timeout=self.config.limits.timeout)
+                with self.link.telling_why("collector"):
+                    self._exchange()
             finally:
-                self.stream.close()
+                stream.close()
         except (ShipError, TLSError) as exc:
             self.outcome.error = str(exc)
         except ProtocolError as exc:
@@ -177,12 +161,8 @@ class Delivery:
             self.spool.commit()
         return self.outcome
 
-    def _tell(self, error: Error) -> None:
-        with contextlib.suppress(TLSError, ProtocolError, OSError):
-            self.stream.sendall(bytes(self.outbox) + self.conn.send(error))
-
     def _exchange(self) -> None:
-        self._send(self.conn.hello())
+        self.link.send(self.conn.hello())
         reply = self._next_event()
         if not isinstance(reply, HelloReply):
             self._handle(reply)  # an Error: raises with the collector's reason
@@ -199,9 +179,10 @@ class Delivery:
                 break
             else:
                 self._handle(self._next_event())
-        self._send(Goodbye())
+        self.link.send(Goodbye())
         while not isinstance(event := self._next_event(), Goodbye):
             self._handle(event)
+        self.link.close()
 
     def _unanswered(self) -> bool:
         return any(self.conn.file_state(i) is not None for i in self.outgoing)
@@ -217,14 +198,14 @@ class Delivery:
             return
         try:
             size = os.fstat(fd).st_size
-            digest = hash_fd(fd, size, self._keepalive).digest()
+            digest = hash_fd(fd, size, self.link.keepalive).digest()
         except OSError as exc:
             os.close(fd)
             self._unreadable(entry, exc)
             return
         file_id, self.next_id = self.next_id, self.next_id + 1
         self.outgoing[file_id] = _Outgoing(entry, fd, size, digest)
-        self._send(Offer(file_id, entry.keyword, entry.name, size, digest))
+        self.link.send(Offer(file_id, entry.keyword, entry.name, size, digest))
 
     def _unreadable(self, entry: Entry, exc: OSError) -> None:
         """A spool entry we cannot read is our problem, not the collector's: skip it."""
@@ -250,14 +231,10 @@ class Delivery:
             if got == 0:
                 raise ShipError(f"{out.entry.keyword}/{out.entry.name} shrank while being sent")
             view[:header] = self.conn.send_data_header(file_id, got)
-            if got <= SMALL_FRAME:
-                self.outbox += view[: header + got]  # goes out with its neighbours
-            else:
-                self._flush()
-                self.stream.sendall(view[: header + got])
+            self.link.send_frame(view[: header + got])
             offset += got
             self._drain_incoming()
-        self._send(EndOfData(file_id))
+        self.link.send(EndOfData(file_id))
 
     def _handle(self, event: Event) -> None:
         if isinstance(event, Accept):
@@ -289,7 +266,7 @@ class Delivery:
                 what += f"; held until {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(until))}"
             self._record(journal.SHIP_FAILED, what, out, priority=4, reason=event.code.name)
         elif isinstance(event, Ping):
-            self._send(Pong(event.nonce))
+            self.link.send(Pong(event.nonce))
         elif isinstance(event, Error):
             raise ShipError(f"collector ended the connection: {event.code.name}: {event.message}")
 
@@ -308,59 +285,22 @@ class Delivery:
             **fields,
         )
 
-    # --- the stream ---
-
-    def _send(self, event: Event) -> None:
-        # Small messages are gathered and go out as one TLS record when we would
-        # otherwise wait, or when enough has piled up.
-        self.outbox += self.conn.send(event)
-        if len(self.outbox) >= OUTBOX_LIMIT:
-            self._flush()
-
-    def _flush(self) -> None:
-        if self.outbox:
-            self.stream.sendall(self.outbox)
-            self.outbox.clear()
-        self.last_sent = time.monotonic()
-
-    def _keepalive(self) -> None:
-        """Hashing big files before their offers takes a while: let the collector
-        see the offers made so far, and a Ping, before its idle timer runs out."""
-        if time.monotonic() - self.last_sent > self.config.limits.timeout / 4:
-            self._send(Ping(self.next_id & 0xFFFFFFFF))
-            self._flush()
+    # --- what the collector says ---
 
     def _next_event(self) -> Event:
-        """Block until the collector says something."""
-        while True:
-            event = self.conn.next_event()
-            if event is NEED_DATA:
-                self._fill(block=True)
-                continue
-            if isinstance(event, ConnectionClosed):
-                raise ShipError("collector closed the connection")
-            return event
+        """Wait until the collector says something."""
+        return _not_closed(self.link.next_event())
 
     def _drain_incoming(self) -> None:
         """Handle whatever the collector has already said, without waiting."""
-        while True:
-            event = self.conn.next_event()
-            if event is NEED_DATA:
-                if not self._fill(block=False):
-                    return
-                continue
-            if isinstance(event, ConnectionClosed):
-                raise ShipError("collector closed the connection")
-            self._handle(event)
+        while (event := self.link.event_if_any()) is not None:
+            self._handle(_not_closed(event))
 
-    def _fill(self, *, block: bool) -> bool:
-        if not block and not self.stream.readable_now():
-            return False
-        if block:
-            self._flush()  # never wait for the collector with our messages unsent
-        received = self.stream.recv_into(self.inbox)
-        self.conn.receive_data(memoryview(self.inbox)[:received] if received else b"")
-        return True
+
+def _not_closed(event: Event) -> Event:
+    if isinstance(event, ConnectionClosed):
+        raise ShipError("collector closed the connection")
+    return event
 
 
 def connect(host: Host, config: ClientConfig) -> TLSStream:

@@ -146,7 +146,7 @@ class Upload:
         self.name = name
         self.size = size
         self.sha256 = sha256
-        self.partial = _partial_name(name, sha256, size)
+        self.partial = partial_name(name, sha256, size)
         fd = _lock_partial(store.partial_fd, self.partial, create=True)
         assert fd is not None
         self.fd = fd
@@ -209,7 +209,7 @@ class Upload:
             self.fd = -1
 
 
-def _partial_name(name: str, sha256: bytes, size: int) -> str:
+def partial_name(name: str, sha256: bytes, size: int) -> str:
     """Keyed by what is offered, so a resend resumes; the name is in the key because
     two files of one content may be in flight on one connection at once."""
     tag = hashlib.sha256(name.encode()).hexdigest()[:16]
@@ -375,13 +375,13 @@ class Store:
     def _drop_partial(self, name: str, sha256: bytes, size: int) -> None:
         """Remove a partial made redundant, unless an upload holds it (it will see)."""
         try:
-            fd = _lock_partial(self.partial_fd, _partial_name(name, sha256, size), create=False)
+            fd = _lock_partial(self.partial_fd, partial_name(name, sha256, size), create=False)
         except PartialBusy:
             return
         if fd is None:
             return
         try:
-            os.unlink(_partial_name(name, sha256, size), dir_fd=self.partial_fd)
+            os.unlink(partial_name(name, sha256, size), dir_fd=self.partial_fd)
         finally:
             os.close(fd)
 

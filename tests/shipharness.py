@@ -28,8 +28,17 @@ from pathlib import Path
 
 import pytest
 
-from dlogd import journal, pki
-from dlogd.config import TLSFiles
+from dlogd import config, journal, pki, schema
+from dlogd.config import (
+    ClientConfig,
+    ClientKeyword,
+    Host,
+    Limits,
+    Retry,
+    ServerConfig,
+    ServerKeyword,
+    TLSFiles,
+)
 from dlogd.names import entry_basename
 from dlogd.spool import Spool
 from tests.tlsfixtures import COLLECTOR, LOOPBACK, SENDER, Fleet, make_fleet
@@ -85,13 +94,6 @@ class Target:
     fingerprint: str | None = None
 
 
-def _tls_block(tls: TLSFiles) -> str:
-    return (
-        f'tls {{ certificate "{tls.certificate}"; key "{tls.key}"; ca "{tls.ca}"; '
-        f'min_version "{tls.min_version}"; }}'
-    )
-
-
 def write_client_config(
     path: Path,
     *,
@@ -102,19 +104,20 @@ def write_client_config(
     retry: tuple[int, int] = (1, 10),
     timeout: int = 5,
 ) -> Path:
-    """A client config: keyword -> hosts (default: "audit" to every target)."""
+    """A client config: keyword -> hosts (default: "audit" to every target), uid 0 may submit."""
     keywords = keywords or {KEYWORD: [t.name for t in targets]}
-    lines = [f'spool "{spool}";', _tls_block(tls)]
-    for keyword, hosts in keywords.items():
-        lines.append(
-            f'keyword "{keyword}" {{ uid 0; ' + " ".join(f'host "{h}";' for h in hosts) + " }"
-        )
-    for t in targets:
-        pin = f' fingerprint "sha256:{t.fingerprint}";' if t.fingerprint else ""
-        lines.append(f'host "{t.name}" {{ address "{t.address}"; port {t.port};{pin} }}')
-    lines.append(f"retry {{ min {retry[0]}; max {retry[1]}; }}")
-    lines.append(f"limits {{ timeout {timeout}; }}")
-    path.write_text("\n".join(lines) + "\n")
+    written = ClientConfig(
+        keywords={
+            name: ClientKeyword(name, frozenset({0}), frozenset(), tuple(hosts))
+            for name, hosts in keywords.items()
+        },
+        hosts={t.name: Host(t.name, t.address, t.port, t.fingerprint) for t in targets},
+        spool=str(spool),
+        tls=tls,
+        limits=Limits(timeout=timeout),
+        retry=Retry(retry[0], retry[1]),
+    )
+    path.write_text(config.to_text(written))
     return path
 
 
@@ -129,14 +132,17 @@ def write_server_config(
 ) -> Path:
     """A collector config: keyword -> {sending host: directory}; host -> address."""
     senders = senders if senders is not None else {SENDER: LOOPBACK}
-    lines = [_tls_block(tls)]
-    for keyword, by_host in dirs.items():
-        body = " ".join(f'host "{h}" dir "{d}";' for h, d in by_host.items())
-        lines.append(f'keyword "{keyword}" {{ {body} }}')
-    for name, address in senders.items():
-        lines.append(f'host "{name}" {{ address "{address}"; }}')
-    lines.append(f"limits {{ max_file_size {max_file_size}; timeout {timeout}; }}")
-    path.write_text("\n".join(lines) + "\n")
+    written = ServerConfig(
+        keywords={
+            keyword: ServerKeyword(keyword, {h: str(d) for h, d in by_host.items()})
+            for keyword, by_host in dirs.items()
+        },
+        hosts={name: Host(name, address) for name, address in senders.items()},
+        tls=tls,
+        # The size as a config writes it ("2G"), read by the config's own parser.
+        limits=Limits(max_file_size=schema.size(max_file_size), timeout=timeout),
+    )
+    path.write_text(config.to_text(written))
     return path
 
 
@@ -151,8 +157,6 @@ def env(cache: Path, **extra: str) -> dict[str, str]:
 
 # --- journal records (the stderr fallback) ---------------------------------------------
 
-_FIELD_AT_END = re.compile(r' ([a-z_][a-z0-9_]*)=("(?:[^"\\]|\\.)*"|[^ "]*)$')
-
 
 @dataclass(frozen=True)
 class Record:
@@ -166,19 +170,8 @@ class Record:
 
 
 def parse_record(line: str) -> Record | None:
-    if not line.startswith("dlogd: "):
-        return None
-    rest = line[len("dlogd: ") :].rstrip("\n")
-    fields: dict[str, str] = {}
-    # Fields come last; parse from the right and stop at a repeated key, since a
-    # message (e.g. a certificate identity "CN=web1") may itself hold "key=value".
-    while (match := _FIELD_AT_END.search(rest)) and match.group(1) not in fields:
-        value = match.group(2)
-        if value.startswith('"'):
-            value = value[1:-1].replace('\\"', '"')
-        fields[match.group(1)] = value
-        rest = rest[: match.start()]
-    return Record(rest, dict(reversed(list(fields.items()))))
+    parsed = journal.parse_stderr(line)
+    return None if parsed is None else Record(*parsed)
 
 
 def parse_records(text: str) -> list[Record]:

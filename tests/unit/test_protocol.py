@@ -828,7 +828,11 @@ def test_send_data_header_lets_the_caller_write_the_payload_itself() -> None:
         pair.conn[S].send_data_header(1, 1)
 
 
-# --- two real ends moving files ------------------------------------------------------------
+# --- scripted ends, for replays and the fuzzer ---------------------------------------------
+# The real ends (ship.Delivery, receive.Session) are joined back to back in
+# test_ship_session.py. These two are the smallest deterministic peers that
+# answer whatever arrives, in memory, so that a recorded conversation can be
+# replayed byte by byte and the fuzzer reaches deep states thousands of times.
 
 
 @dataclass(frozen=True)
@@ -848,7 +852,7 @@ class Disk:
 
 
 class SenderApp:
-    """What dlogd-ship does with a Connection, minus the socket."""
+    """A scripted sender: offers its files, sends their data, says Goodbye."""
 
     def __init__(self, files: list[FileSpec], **limits: Unpack[Limits]) -> None:
         self.conn = Connection(S, **limits)
@@ -904,7 +908,7 @@ class SenderApp:
 
 
 class ReceiverApp:
-    """What dlogd-receive does with a Connection, with a dict for a disk.
+    """A scripted receiver with a dict for a disk.
 
     With ``group`` set, Stored answers are held back and sent together when
     the sender's window is full or it says Goodbye, as a group commit would.
@@ -1018,58 +1022,6 @@ def mixed_files() -> tuple[list[FileSpec], Disk]:
         partial={"resumed.log": big[:7000], "bad.log": b"XXXX"},
     )
     return files, disk
-
-
-@pytest.mark.parametrize("chunk", [None, 1, 9, 4096], ids=["whole", "byte-at-a-time", "9", "4096"])
-@pytest.mark.parametrize("group", [False, True], ids=["ack-each", "group-commit"])
-def test_many_files_in_one_connection(chunk: int | None, group: bool) -> None:
-    files, disk = mixed_files()
-    sender = SenderApp(files, window=3, max_frame=MIN_FRAME)
-    receiver = ReceiverApp(disk, group=group)
-    talk = converse(sender, receiver, chunk)
-
-    verdicts = {name: type(event) for name, event in sender.results.items()}
-    assert verdicts == {
-        "fresh.log": Stored,
-        "resumed.log": Stored,
-        "dup.log": AlreadyStored,
-        "secret.log": Refuse,
-        "empty.log": Stored,
-        "clash.log": Refuse,
-        "late.log": Stored,
-        "bad.log": Failed,
-    }
-    failed = sender.results["bad.log"]
-    assert isinstance(failed, Failed) and failed.code.temporary
-    refused = sender.results["secret.log"]
-    assert isinstance(refused, Refuse) and not refused.code.temporary
-    for spec in files:
-        if isinstance(sender.results[spec.name], Stored):
-            assert disk.stored[spec.name] == spec.content
-    assert disk.stored["clash.log"] == b"old content"
-    # Only the part the collector lacked was sent for the resumed file.
-    resumed_id = 2
-    resumed_bytes = sum(
-        len(e.data) for e in talk.events[R] if isinstance(e, Data) and e.file_id == resumed_id
-    )
-    assert resumed_bytes == len(files[1].content) - 7000
-    assert talk.events[S][-1] == ConnectionClosed()
-    assert talk.events[R][-1] == ConnectionClosed()
-    assert sender.conn.in_flight == receiver.conn.in_flight == 0
-    assert (sender.conn.state, receiver.conn.state) == (ConnState.CLOSED, ConnState.CLOSED)
-
-
-def test_a_retry_after_a_lost_acknowledgement_is_recognised() -> None:
-    files = [FileSpec("a.log", b"a" * 100), FileSpec("b.log", b"b" * 100)]
-    disk = Disk()
-    converse(SenderApp(files), ReceiverApp(disk))
-    second = SenderApp(files)
-    talk = converse(second, ReceiverApp(disk))
-    assert {name: type(ev) for name, ev in second.results.items()} == {
-        "a.log": AlreadyStored,
-        "b.log": AlreadyStored,
-    }
-    assert not any(isinstance(e, Data) for e in talk.events[R])
 
 
 def test_the_window_holds_offers_until_answers_free_it() -> None:

@@ -15,17 +15,6 @@ from functools import cache
 
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-from test_protocol import (
-    SAMPLES,
-    Disk,
-    FileSpec,
-    ReceiverApp,
-    SenderApp,
-    Transcript,
-    converse,
-    digest,
-    replay,
-)
 
 from dlogd.names import MIN_FRAME
 from dlogd.protocol import (
@@ -45,6 +34,17 @@ from dlogd.protocol import (
     Role,
     Stored,
     encode,
+)
+from tests.unit.test_protocol import (
+    SAMPLES,
+    Disk,
+    FileSpec,
+    ReceiverApp,
+    SenderApp,
+    Transcript,
+    converse,
+    digest,
+    replay,
 )
 
 FUZZ = settings(
