@@ -1,9 +1,11 @@
 """Fixtures for the lab tier: one booted :class:`labhosts.Lab` per session.
 
 Place in the flow: scenario tests under tests/lab get real systemd hosts from
-here. The checkout and venv installed into the hosts default to the repository
-these tests run from; DLOGD_LAB_CHECKOUT and DLOGD_LAB_VENV choose others.
-Every test in this directory is marked ``lab`` and ``slow``.
+here, and a fleet that ``ansible-playbook site.yml`` rolled out onto them over
+SSH (tests/lab/labfleet.py). The checkout rolled out (and whose venv runs
+install.sh inside a host) defaults to the repository these tests run from;
+DLOGD_LAB_CHECKOUT and DLOGD_LAB_VENV choose others. Every test in this
+directory is marked ``lab`` and ``slow``.
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ def lab_venv(lab_checkout: Path) -> Path:
 @pytest.fixture(scope="session")
 def lab() -> Iterator[Lab]:
     """Hosts logs1 (192.0.2.10), web1 (.11), web2 (.12), booted and wired."""
-    missing = [tool for tool in ("systemd-nspawn", "nsenter", "ip") if shutil.which(tool) is None]
+    tools = ("systemd-nspawn", "nsenter", "ip", "ssh", "ssh-keygen", "sshd")
+    missing = [tool for tool in tools if shutil.which(tool) is None]
     if os.geteuid() != 0 or missing:
         pytest.skip(f"lab needs root and {missing or 'these tools'}: see shared LAB.md")
     the_lab = Lab()
@@ -52,12 +55,11 @@ def lab() -> Iterator[Lab]:
 
 
 @pytest.fixture(scope="session")
-def fleet(
-    lab: Lab, lab_checkout: Path, lab_venv: Path, tmp_path_factory: pytest.TempPathFactory
-) -> labfleet.Fleet:
-    """logs1 collecting "audit" from web1 and web2, all of dlogd installed and started.
+def fleet(lab: Lab, lab_checkout: Path, tmp_path_factory: pytest.TempPathFactory) -> labfleet.Fleet:
+    """logs1 collecting "audit" from web1 and web2, rolled out by site.yml.
 
-    The retry timer of the clients runs every few seconds (a test drop-in).
+    The retry timer of the clients runs every few seconds (the role's
+    ``dlogd_client_timer_interval``).
     """
-    pki_dir = tmp_path_factory.mktemp("lab-pki")
-    return labfleet.install_fleet(lab, lab_checkout, lab_venv, pki_dir, fast_timer=True)
+    inventory = tmp_path_factory.mktemp("lab-inventory")
+    return labfleet.install_fleet(lab, lab_checkout, inventory, fast_timer=True)

@@ -1,13 +1,14 @@
-"""Put a dlogd fleet onto booted lab hosts: PKI, configs, users, units.
+"""Roll a dlogd fleet out onto booted lab hosts with ``ansible-playbook site.yml``.
 
-Place in the flow: between :mod:`labhosts` (bare systemd hosts) and the lab
-scenarios (tests/lab/test_lab_shipping.py) and ``scripts/lab-demo.py``. It
-does what an operator (or Ansible) does on a real fleet: mint a CA and one
-certificate per host on this machine with :mod:`dlogd.pki`, copy them to
-``/etc/dlogd/tls`` on each host, write ``client.conf`` on the clients and
-``server.conf`` on the collector, run ``scripts/install.sh``, refresh the
-config cache as root (the sandboxed services cannot write /var/cache) and
-enable the units, so that everything also comes back after a reboot.
+Place in the flow: between :mod:`labhosts` (bare systemd hosts with sshd)
+and the lab scenarios (tests/lab/test_lab_*.py) and ``scripts/lab-demo.py``.
+It does what an operator does: write an inventory (the lab's three hosts in
+the groups ``dlogd_collectors`` and ``dlogd_clients``) and the fleet
+description in its group_vars, then run ``ansible/site.yml`` from this
+machine over real SSH. Everything on the hosts (wheelhouse install, units,
+CA and host certificates, configs, enabled units) is the playbook's work;
+this module only makes the application's users (alice, bob, mallory) that a
+host has before dlogd arrives.
 
 It also holds the few actions the scenarios and the demo share: submitting
 as a given user through the C library and through Python, and asking a
@@ -17,14 +18,17 @@ host's journal for dlogd's own records.
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
-from collections.abc import Iterable, Sequence
+import sys
+import time
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from labhosts import Lab, LabError, LabHost, in_lab, wait_until
-
-from dlogd import pki
 
 KEYWORD = "audit"
 COLLECTOR = "logs1"
@@ -41,23 +45,64 @@ PERMITTED_GROUP = "auditors"
 # alice is listed by uid, bob is in PERMITTED_GROUP, mallory is neither.
 USERS = ("alice", "bob", "mallory")
 CLIB_PROGRAM = Path("clib/build/dlogd-submit-test")
-# Test-only timer: the shipped one waits a minute after boot and between runs.
-FAST_TIMER_DROPIN = "/etc/systemd/system/dlogd-ship.timer.d/50-lab-fast.conf"
+# The retry timer runs this often in the lab (dlogd_client_timer_interval);
+# the shipped unit waits a minute after boot and between runs.
 FAST_TIMER_SECONDS = 5
 CLIENT_UNITS = ("dlogd-submit.socket", "dlogd-ship.path", "dlogd-ship.timer")
 SERVER_UNITS = ("dlogd-receive.socket",)
 # The app's view of dlogd: the system interpreter importing the checkout.
 # Only dlogd.client is needed, which is standard library only.
 APP_PYTHON = "/usr/bin/python3"
+RECAP_LINE = re.compile(
+    r"^(?P<host>\S+)\s+:\s+ok=(?P<ok>\d+)\s+changed=(?P<changed>\d+)\s+"
+    r"unreachable=(?P<unreachable>\d+)\s+failed=(?P<failed>\d+)\s+skipped=(?P<skipped>\d+)\s+"
+    r"rescued=(?P<rescued>\d+)\s+ignored=(?P<ignored>\d+)",
+    re.MULTILINE,
+)
+
+
+@dataclass(frozen=True)
+class PlaybookRun:
+    """One ``ansible-playbook`` run: its exit status, output, recap and duration."""
+
+    argv: list[str]
+    returncode: int
+    output: str
+    seconds: float
+
+    @property
+    def recap(self) -> dict[str, dict[str, int]]:
+        """PLAY RECAP counts per host: ``{"web1": {"ok": 30, "changed": 0, ...}}``."""
+        tail = self.output.rsplit("PLAY RECAP", 1)[-1]
+        return {
+            m["host"]: {k: int(v) for k, v in m.groupdict().items() if k != "host"}
+            for m in RECAP_LINE.finditer(tail)
+        }
+
+    @property
+    def recap_text(self) -> str:
+        return "PLAY RECAP" + self.output.rsplit("PLAY RECAP", 1)[-1] if "PLAY RECAP" in self.output else ""
+
+    def changed(self) -> dict[str, int]:
+        return {host: counts["changed"] for host, counts in self.recap.items()}
+
+    def check(self) -> PlaybookRun:
+        """This run, if it succeeded on every host; else :class:`LabError` with its output."""
+        failed = {h: c for h, c in self.recap.items() if c["failed"] or c["unreachable"]}
+        if self.returncode != 0 or failed or not self.recap:
+            raise LabError(f"{' '.join(self.argv)} failed ({self.returncode}):\n{self.output[-6000:]}")
+        return self
 
 
 @dataclass(frozen=True)
 class Fleet:
-    """The installed fleet: which host plays which role, and what it runs."""
+    """The rolled-out fleet: which host plays which role, and how to roll out again."""
 
     lab: Lab
     checkout: Path
     alice_uid: int
+    inventory_dir: Path
+    first_run: PlaybookRun
 
     @property
     def collector(self) -> LabHost:
@@ -70,6 +115,20 @@ class Fleet:
     def store_dir(self, client: str, keyword: str = KEYWORD) -> str:
         """Where the collector keeps ``client``'s files of ``keyword``."""
         return f"/var/log/remote/{client}/{keyword}"
+
+    def description(self) -> dict[str, Any]:
+        """The lab's fleet description (group_vars/all), as the fixture wrote it."""
+        return lab_fleet_vars(self.alice_uid, fast_timer=True)
+
+    def rollout(
+        self,
+        *args: str,
+        fleet_vars: Mapping[str, Any] | None = None,
+        host_vars: Mapping[str, Mapping[str, Any]] | None = None,
+    ) -> PlaybookRun:
+        """Write the inventory (default: the lab's description) and run site.yml with ``args``."""
+        write_inventory(self.inventory_dir, self.lab, fleet_vars or self.description(), host_vars)
+        return run_playbook(self.lab, self.checkout, self.inventory_dir, *args)
 
     def submit_c(self, host: LabHost, user: str, keyword: str, *paths: str) -> list[str]:
         """Submit through libdlogd as ``user``; one "OK entry" / "ERR NAME msg" per path."""
@@ -95,70 +154,118 @@ class Fleet:
         return done.stdout.splitlines()
 
 
-def make_pki(directory: Path, lab: Lab) -> None:
-    """A CA and a certificate per lab host, naming it and its address."""
-    ca = pki.make_ca(directory, "dlogd lab CA")
-    for host in lab.hosts.values():
-        pki.make_host_cert(ca, host.name, directory, ip_addresses=[host.address])
+def lab_fleet_vars(alice_uid: int, *, fast_timer: bool) -> dict[str, Any]:
+    """The lab's fleet description: "audit" from both clients to logs1, pinned.
+
+    ``fast_timer`` runs the retry timer every 5 s instead of every minute (for
+    tests; the shipper's own backoff still decides whether a run connects).
+    """
+    return {
+        "dlogd_keywords": [{"name": KEYWORD, "collectors": ["dlogd_collectors"]}],
+        "dlogd_submitters": [
+            {"keyword": KEYWORD, "hosts": ["dlogd_clients"], "uids": [alice_uid],
+             "groups": [PERMITTED_GROUP]},
+        ],  # fmt: skip
+        "dlogd_pin_fingerprints": True,
+        "dlogd_client_retry": {"min": RETRY_MIN, "max": RETRY_MAX},
+        "dlogd_client_limits": {"timeout": f"{CLIENT_TIMEOUT}s"},
+        "dlogd_client_timer_interval": f"{FAST_TIMER_SECONDS}s" if fast_timer else "",
+    }
+
+
+def write_inventory(
+    directory: Path,
+    lab: Lab,
+    fleet_vars: Mapping[str, Any],
+    host_vars: Mapping[str, Mapping[str, Any]] | None = None,
+    *,
+    collectors: Sequence[str] = (COLLECTOR,),
+    clients: Sequence[str] = CLIENTS,
+) -> Path:
+    """hosts.yml and group_vars/all.yml for the lab (JSON, which YAML reads).
+
+    The CA and the record of issued certificates go to ``directory/pki``.
+    """
+    ssh_args = " ".join(lab.ssh_options())
+
+    def host_entry(name: str) -> dict[str, Any]:
+        entry = {"ansible_host": lab[name].address, "ansible_user": "root",
+                 "ansible_ssh_common_args": ssh_args}  # fmt: skip
+        return {**entry, **(host_vars or {}).get(name, {})}
+
+    hosts = {"all": {"children": {
+        "dlogd_collectors": {"hosts": {n: host_entry(n) for n in collectors}},
+        "dlogd_clients": {"hosts": {n: host_entry(n) for n in clients}},
+    }}}  # fmt: skip
+    (directory / "group_vars").mkdir(parents=True, exist_ok=True)
+    (directory / "hosts.yml").write_text(json.dumps(hosts, indent=2) + "\n")
+    (directory / "group_vars" / "all.yml").write_text(json.dumps(fleet_vars, indent=2) + "\n")
+    return directory / "hosts.yml"
+
+
+def run_playbook(lab: Lab, checkout: Path, inventory_dir: Path, *args: str) -> PlaybookRun:
+    """``ansible-playbook site.yml`` from ``checkout/ansible``, in the control node's namespace."""
+    bindir = Path(sys.executable).parent
+    argv = lab.on_control_node([str(bindir / "ansible-playbook"), "-i",
+                                str(inventory_dir / "hosts.yml"), "site.yml", *args])  # fmt: skip
+    env = {
+        **os.environ,
+        "ANSIBLE_CONFIG": str(checkout / "ansible" / "ansible.cfg"),
+        "ANSIBLE_NOCOLOR": "1",
+        "ANSIBLE_FORCE_COLOR": "0",
+        "PATH": f"{bindir}:{os.environ.get('PATH', '/usr/bin:/bin')}",
+    }
+    started = time.monotonic()
+    done = subprocess.run(argv, cwd=checkout / "ansible", env=env, capture_output=True,
+                          text=True, check=False, timeout=900)  # fmt: skip
+    return PlaybookRun(argv, done.returncode, done.stdout + done.stderr, time.monotonic() - started)
 
 
 def install_fleet(
-    lab: Lab, checkout: Path, venv: Path, pki_dir: Path, *, fast_timer: bool = False
+    lab: Lab, checkout: Path, inventory_dir: Path, *, fast_timer: bool = False
 ) -> Fleet:
-    """Install and start dlogd on every lab host; returns the :class:`Fleet`.
-
-    ``fast_timer`` adds a drop-in that runs the retry timer 5 s after boot
-    and 5 s after each drain instead of a minute (for tests; the shipper's
-    own backoff still decides whether a run connects).
-    """
+    """Roll dlogd out to every lab host with site.yml; returns the :class:`Fleet`."""
     build_clib(checkout)
-    if not (pki_dir / "ca.crt").exists():
-        make_pki(pki_dir, lab)
-    collector = lab[COLLECTOR]
-    collector.install_dlogd("server", checkout, venv)
-    install_tls(collector, pki_dir)
-    write_config(collector, SERVER_CONF, server_config(lab), "--server")
-    start_units(collector, SERVER_UNITS)
-    pin = pki.fingerprint(pki_dir / f"{COLLECTOR}.crt")
+    build_wheelhouse(checkout)
     uids = set()
     for name in CLIENTS:
         client = lab[name]
-        client.install_dlogd("client", checkout, venv)
-        alice_uid = add_test_users(client)
-        uids.add(alice_uid)
-        install_tls(client, pki_dir)
+        uids.add(add_test_users(client))
         make_checkout_reachable(client, in_lab(checkout))
-        if fast_timer:
-            client.write_file(FAST_TIMER_DROPIN, fast_timer_dropin())
-            client.run(["systemctl", "daemon-reload"])
-        config = client_config(alice_uid, collector, pin)
-        write_config(client, CLIENT_CONF, config, "--client")
-        start_units(client, CLIENT_UNITS)
-        client.run(["systemctl", "start", "dlogd.socket"])
     if len(uids) != 1:
         raise LabError(f"alice has different uids on the clients: {sorted(uids)}")
-    return Fleet(lab, checkout, uids.pop())
+    alice_uid = uids.pop()
+    write_inventory(inventory_dir, lab, lab_fleet_vars(alice_uid, fast_timer=fast_timer))
+    first = run_playbook(lab, checkout, inventory_dir).check()
+    return Fleet(lab, checkout, alice_uid, inventory_dir, first)
+
+
+def build_wheelhouse(checkout: Path) -> None:
+    """Fill the playbook's wheelhouse from this machine's network first.
+
+    The playbook runs in the control node's lab namespace, which reaches the
+    lab hosts and nothing else: its own build step then finds every
+    dependency in the wheelhouse and works offline, as on a fleet without
+    internet. Same script, same wheelhouse (dlogd_install_wheelhouse's default).
+    """
+    script = checkout / "ansible/roles/dlogd_install/files/build-payload.sh"
+    wheelhouse = checkout / "build" / "ansible-wheelhouse"
+    done = subprocess.run(["sh", str(script), str(checkout), str(wheelhouse), sys.executable],
+                          capture_output=True, text=True, check=False)  # fmt: skip
+    if done.returncode != 0:
+        raise LabError(f"{script} failed:\n{done.stderr[-3000:]}")
 
 
 def build_clib(checkout: Path) -> None:
     """Build the C test program in the checkout (the hosts see it through their overlay)."""
     done = subprocess.run(
-        ["make", "-s", "-C", str(checkout / "clib"), "test-program"],
+        ["make", "-s", "-C", str(checkout / "clib"), "all", "test-program"],
         capture_output=True,
         text=True,
         check=False,
     )
     if done.returncode != 0:
         raise LabError(f"make -C clib test-program failed:\n{done.stdout}{done.stderr}")
-
-
-def install_tls(host: LabHost, pki_dir: Path) -> None:
-    """``/etc/dlogd/tls``: CA and host certificate public, the key for group dlogd only."""
-    host.run(["install", "-d", "-m", "0750", "-o", "root", "-g", "dlogd", TLS_DIR])
-    host.write_file(f"{TLS_DIR}/ca.crt", (pki_dir / "ca.crt").read_bytes(), 0o644)
-    host.write_file(f"{TLS_DIR}/host.crt", (pki_dir / f"{host.name}.crt").read_bytes(), 0o644)
-    key = (pki_dir / f"{host.name}.key").read_bytes()
-    host.write_file(f"{TLS_DIR}/host.key", key, 0o640, owner="root:dlogd")
 
 
 def add_test_users(host: LabHost) -> int:
@@ -180,54 +287,15 @@ def make_checkout_reachable(host: LabHost, checkout: Path) -> None:
         host.run(["chmod", "o+x", "/root"])
 
 
-def fast_timer_dropin() -> str:
-    # An empty OnBootSec= clears every monotonic trigger of the unit first.
-    return (
-        "# Lab tests only: retry every few seconds instead of every minute.\n"
-        "[Timer]\nOnBootSec=\n"
-        f"OnBootSec={FAST_TIMER_SECONDS}s\nOnUnitInactiveSec={FAST_TIMER_SECONDS}s\n"
-        "AccuracySec=100ms\nRandomizedDelaySec=0\n"
-    )
-
-
-def client_config(alice_uid: int, collector: LabHost, pin: str) -> str:
-    return f"""# dlogd lab client: ships "{KEYWORD}" to {collector.name}
-retry {{ min {RETRY_MIN}; max {RETRY_MAX}; }}
-limits {{ timeout {CLIENT_TIMEOUT}s; }}
-keyword "{KEYWORD}" {{
-    uid {alice_uid};
-    group "{PERMITTED_GROUP}";
-    host "{collector.name}";
-}}
-host "{collector.name}" {{
-    address "{collector.address}";
-    port {PORT};
-    fingerprint "sha256:{pin}";
-}}
-"""
-
-
-def server_config(lab: Lab) -> str:
-    senders = "".join(
-        f'    host "{name}" dir "/var/log/remote/{name}/{KEYWORD}";\n' for name in CLIENTS
-    )
-    hosts = "".join(f'host "{name}" {{ address "{lab[name].address}"; }}\n' for name in CLIENTS)
-    return f'# dlogd lab collector\nkeyword "{KEYWORD}" {{\n{senders}}}\n{hosts}'
-
-
-def write_config(host: LabHost, path: str, text: str, role_flag: str) -> None:
-    """Write a config readable by group dlogd and refresh the services' cache."""
-    host.write_file(path, text, 0o640, owner="root:dlogd")
-    host.run(["dlogctl", "check-config", role_flag, path, "--write-cache"])
-    role = role_flag.removeprefix("--")
-    fresh = host.run(f"find /var/cache/dlogd -name '{role}-*.json' -newer {path}").stdout
-    if not fresh.strip():
-        raise LabError(f"{host.name}: check-config --write-cache wrote no {role} cache")
-
-
-def start_units(host: LabHost, units: Sequence[str]) -> None:
-    """Enable (so they come back after a reboot) and start the role's triggers."""
-    host.run(["systemctl", "enable", "--now", *units])
+def unit_invocations(host: LabHost, units: Iterable[str]) -> dict[str, str]:
+    """{unit: InvocationID}: a unit restarted since has a new one."""
+    listed = list(units)
+    out = host.run(["systemctl", "show", "-p", "Id,InvocationID", *listed]).stdout
+    ids: dict[str, str] = {}
+    for block in out.strip().split("\n\n"):
+        props = dict(line.partition("=")[::2] for line in block.splitlines())
+        ids[props["Id"]] = props["InvocationID"]
+    return ids
 
 
 # -- looking at what happened ---------------------------------------------------

@@ -8,10 +8,19 @@ Each host has a network namespace of its own with one veth into a bridge that
 lives in a further namespace; all addresses are in 192.0.2.0/24 and exist only
 in those namespaces.
 
+This machine is the lab's Ansible control node, from a network namespace of
+its own (:data:`CONTROL_NS`, one more veth into the bridge, address
+:data:`CONTROL_ADDRESS`): the root namespace gets no lab address or route
+(this VM's own network may be 192.0.2.0/24 too). Only the network changes;
+files, the checkout and its venv are this machine's. Every host runs sshd
+with a host key of its own (written to the lab's known_hosts) that accepts
+the lab's own client key for root.
+
 Everything the lab creates is named with :data:`PREFIX` (network namespaces,
-machine names) or lives under :data:`LAB_ROOT` (mounts, logs), so leftovers of
-a killed run can be found and removed without touching anything else, and a
-lock file keeps two test sessions from booting labs over each other.
+machine names, the control link) or lives under :data:`LAB_ROOT` (mounts,
+logs, SSH keys), so leftovers of a killed run can be found and removed without
+touching anything else, and a lock file keeps two test sessions from booting
+labs over each other.
 """
 
 from __future__ import annotations
@@ -35,6 +44,13 @@ LAB_ROOT = Path("/tmp/dlogd-lab")
 LOCK_PATH = Path("/tmp/dlogd-lab.lock")
 BRIDGE_NS = PREFIX + "br"
 SUBNET_BITS = 24
+# Where the control node's commands (ssh, ansible-playbook) run.
+CONTROL_NS = PREFIX + "ctl"
+CONTROL_ADDRESS = "192.0.2.1"
+SSH_DIR = LAB_ROOT / "ssh"
+CLIENT_KEY = SSH_DIR / "id_ed25519"
+KNOWN_HOSTS = SSH_DIR / "known_hosts"
+AUTHORIZED_KEYS = "/etc/ssh/dlogd-lab-authorized_keys"
 DEFAULT_HOSTS: Mapping[str, str] = {
     "logs1": "192.0.2.10",
     "web1": "192.0.2.11",
@@ -110,6 +126,7 @@ class LabHost:
     leader: int = 0
     boot_seconds: float = 0.0
     failed_units: list[str] = field(default_factory=list)
+    host_key: list[str] = field(default_factory=list)
     _boot_started: float = 0.0
 
     @property
@@ -146,6 +163,30 @@ class LabHost:
         base_hosts = hosts.read_text() if hosts.exists() else "127.0.0.1\tlocalhost\n"
         hosts.write_text(base_hosts + "\n# dlogd lab\n" + self.hosts_lines)
         self._mask_units(etc / "systemd" / "system")
+        self._prepare_sshd(etc / "ssh")
+
+    def _prepare_sshd(self, ssh: Path) -> None:
+        """A host key of its own, root login by the lab's key only, on the lab address."""
+        for old in ssh.glob("ssh_host_*"):
+            old.unlink()
+        key = ssh / "ssh_host_ed25519_key"
+        sh(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", self.name, "-f", str(key)])
+        (ssh / "sshd_config.d").mkdir(exist_ok=True)
+        (ssh / "sshd_config.d" / "50-dlogd-lab.conf").write_text(
+            "# dlogd lab: the control node (192.0.2.1) logs in as root with the lab's key.\n"
+            f"ListenAddress {self.address}\nHostKey /etc/ssh/ssh_host_ed25519_key\n"
+            f"AuthorizedKeysFile {AUTHORIZED_KEYS}\nPasswordAuthentication no\n"
+            "KbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\n"
+            # No PAM: a session per command (Ansible runs many) skips logind and motd.
+            "UsePAM no\nMaxStartups 30\n"
+        )
+        authorized = self.root / AUTHORIZED_KEYS.lstrip("/")
+        authorized.write_text(CLIENT_KEY.with_suffix(".pub").read_text())
+        authorized.chmod(0o600)
+        self.host_key = (key.with_suffix(".pub")).read_text().split()[:2]
+
+    def known_hosts_line(self) -> str:
+        return f"{self.name},{self.address} {' '.join(self.host_key)}\n"
 
     def _mask_units(self, unit_dir: Path) -> None:
         unit_dir.mkdir(parents=True, exist_ok=True)
@@ -363,12 +404,15 @@ class LabHost:
         venv: Path | None = None,
         hardlink: bool = False,
     ) -> None:
-        """Run the checkout's ``scripts/install.sh`` inside this host."""
+        """Run the checkout's ``scripts/install.sh`` (ansible/install.yml) inside this host.
+
+        ``venv`` is the one whose ansible-playbook runs the install there.
+        """
         checkout, venv = in_lab(checkout), in_lab(venv or checkout / ".venv")
         argv = ["sh", str(checkout / "scripts" / "install.sh"), f"--{role}"]
-        argv += ["--source", str(checkout), "--venv", str(venv)]
         argv += ["--hardlink"] if hardlink else []
-        self.run(argv)
+        env = {"HOME": "/root", "ANSIBLE_PLAYBOOK": str(venv / "bin" / "ansible-playbook")}
+        self.run(argv, env=env, timeout=300)
 
 
 def _journal_entry(line: str) -> dict[str, str]:
@@ -412,12 +456,16 @@ class Lab:
         try:
             cleanup_leftovers()
             LAB_ROOT.mkdir(mode=0o700, exist_ok=True)
+            self._make_client_key()
             self._build_network()
             for host in self.hosts.values():
                 host.prepare()
                 host.boot()
+            KNOWN_HOSTS.write_text("".join(h.known_hosts_line() for h in self.hosts.values()))
             for host in self.hosts.values():
                 host.wait_booted()
+            for host in self.hosts.values():
+                self.wait_for_ssh(host)
         except BaseException:
             self.stop()
             raise
@@ -437,6 +485,32 @@ class Lab:
             cleanup_leftovers()
         finally:
             self._release_lock()
+
+    def _make_client_key(self) -> None:
+        SSH_DIR.mkdir(mode=0o700, exist_ok=True)
+        for old in (CLIENT_KEY, CLIENT_KEY.with_suffix(".pub")):
+            old.unlink(missing_ok=True)
+        sh(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "dlogd-lab-control",
+            "-f", str(CLIENT_KEY)])  # fmt: skip
+
+    def ssh_options(self) -> list[str]:
+        """ssh options that reach the lab's hosts as root, host keys checked."""
+        return [
+            "-o", f"IdentityFile={CLIENT_KEY}", "-o", "IdentitiesOnly=yes",
+            "-o", f"UserKnownHostsFile={KNOWN_HOSTS}", "-o", "StrictHostKeyChecking=yes",
+            "-o", "BatchMode=yes", "-o", "ConnectTimeout=5",
+        ]  # fmt: skip
+
+    @staticmethod
+    def on_control_node(argv: Sequence[str]) -> list[str]:
+        """``argv`` run from the control node's namespace (it reaches the hosts)."""
+        return ["ip", "netns", "exec", CONTROL_NS, *argv]
+
+    def wait_for_ssh(self, host: LabHost, timeout: float = BOOT_TIMEOUT) -> None:
+        """Until sshd on ``host`` answers the control node (over the bridge)."""
+        argv = self.on_control_node(["ssh", *self.ssh_options(), f"root@{host.address}", "true"])
+        wait_until(lambda: sh(argv, check=False).returncode == 0, timeout,
+                   f"sshd on {host.name} ({host.address})", interval=0.3)  # fmt: skip
 
     def remove_leftovers(self) -> None:
         """Remove a lab that an earlier run left (killed, or kept on purpose).
@@ -480,6 +554,15 @@ class Lab:
             sh([*in_host, "addr", "add", f"{host.address}/{SUBNET_BITS}", "dev", "eth0"])
             sh([*in_host, "link", "set", "eth0", "up"])
             sh([*in_host, "link", "set", "lo", "up"])
+        # The control node's namespace: one more port on the bridge.
+        sh(["ip", "netns", "add", CONTROL_NS])
+        sh(["ip", "link", "add", "v-control", "netns", BRIDGE_NS, "type", "veth",
+            "peer", "name", "eth0", "netns", CONTROL_NS])  # fmt: skip
+        sh([*in_bridge, "link", "set", "v-control", "master", "br0", "up"])
+        in_control = ["ip", "-n", CONTROL_NS]
+        sh([*in_control, "addr", "add", f"{CONTROL_ADDRESS}/{SUBNET_BITS}", "dev", "eth0"])
+        sh([*in_control, "link", "set", "eth0", "up"])
+        sh([*in_control, "link", "set", "lo", "up"])
 
     def cut_link(self, name: str) -> None:
         """Unplug the host's cable at the bridge: its packets go nowhere."""
