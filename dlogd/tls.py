@@ -35,7 +35,7 @@ from typing import TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
-from cryptography.x509.oid import NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from OpenSSL import SSL, crypto
 
 from dlogd.config import Host, TLSFiles
@@ -87,6 +87,25 @@ class Refusal(enum.StrEnum):
     NAME_MISMATCH = "name-mismatch"  # it does not name the host we meant to reach
     PIN_MISMATCH = "pin-mismatch"  # the host is pinned to another certificate
     ADDRESS_MISMATCH = "address-mismatch"  # right name, wrong source address
+    NOT_END_ENTITY = "not-end-entity"  # a CA certificate presented as a host's
+    WRONG_PURPOSE = "wrong-purpose"  # its extended key usage excludes this role
+
+
+class Purpose(enum.StrEnum):
+    """What a host certificate must be good for in this connection (RFC 5280 EKU)."""
+
+    CLIENT = "clientAuth"  # a shipper, as the collector sees it
+    SERVER = "serverAuth"  # a collector, as the shipper sees it
+
+    @property
+    def oid(self) -> str:
+        return _PURPOSE_OIDS[self]
+
+
+_PURPOSE_OIDS = {
+    Purpose.CLIENT: ExtendedKeyUsageOID.CLIENT_AUTH.dotted_string,
+    Purpose.SERVER: ExtendedKeyUsageOID.SERVER_AUTH.dotted_string,
+}
 
 
 class PeerRefused(TLSError):
@@ -107,6 +126,10 @@ class Identity:
     dns_names: tuple[str, ...]
     fingerprint: str  # lowercase hex SHA-256 of the DER certificate
     not_after: datetime
+    is_ca: bool = False  # basicConstraints CA:TRUE
+    # Extended key usages by dotted OID; None when the certificate has no EKU
+    # extension (then, per RFC 5280, it is not restricted).
+    usages: frozenset[str] | None = None
 
     @classmethod
     def from_certificate(cls, cert: x509.Certificate) -> Identity:
@@ -117,11 +140,22 @@ class Identity:
             dns_names = tuple(san.get_values_for_type(x509.DNSName))
         except x509.ExtensionNotFound:
             dns_names = ()
+        try:
+            is_ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+        except x509.ExtensionNotFound:
+            is_ca = False
+        try:
+            eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+            usages: frozenset[str] | None = frozenset(oid.dotted_string for oid in eku)
+        except x509.ExtensionNotFound:
+            usages = None
         return cls(
             common_name=cn if isinstance(cn, str) else None,
             dns_names=dns_names,
             fingerprint=cert.fingerprint(hashes.SHA256()).hex(),
             not_after=cert.not_valid_after_utc,
+            is_ca=is_ca,
+            usages=usages,
         )
 
     @property
@@ -265,6 +299,7 @@ def identify_sender(identity: Identity, peer_ip: str | None, hosts: Mapping[str,
     resolved: DNS is not an authority the receiver trusts (and a sandboxed
     receiver may have none).
     """
+    _check_end_entity(identity, Purpose.CLIENT)
     matches = [h for name, h in hosts.items() if identity.carries(name)]
     if not matches:
         raise PeerRefused(
@@ -286,6 +321,7 @@ def identify_sender(identity: Identity, peer_ip: str | None, hosts: Mapping[str,
 
 def check_collector(identity: Identity, host: Host) -> None:
     """Raise :class:`PeerRefused` unless the collector we reached is *host*."""
+    _check_end_entity(identity, Purpose.SERVER)
     if not identity.carries(host.name):
         raise PeerRefused(
             Refusal.NAME_MISMATCH,
@@ -293,6 +329,25 @@ def check_collector(identity: Identity, host: Host) -> None:
             identity,
         )
     _check_pin(identity, host)
+
+
+def _check_end_entity(identity: Identity, purpose: Purpose) -> None:
+    """A host speaks with a host certificate: not a CA's, and fit for its role.
+
+    OpenSSL's chain check accepts any certificate the fleet CA signed; a CA
+    certificate (which could sign others) or one whose extended key usage
+    leaves out this role is still not a host's identity.
+    """
+    if identity.is_ca:
+        raise PeerRefused(
+            Refusal.NOT_END_ENTITY, "certificate is a CA certificate (CA:TRUE)", identity
+        )
+    if identity.usages is not None and purpose.oid not in identity.usages:
+        raise PeerRefused(
+            Refusal.WRONG_PURPOSE,
+            f"certificate's extended key usage does not allow {purpose}",
+            identity,
+        )
 
 
 def _check_pin(identity: Identity, host: Host) -> None:

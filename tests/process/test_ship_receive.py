@@ -289,6 +289,7 @@ def test_sender_from_the_wrong_address_is_refused(site: Site) -> None:
     assert_kept_for_retry(site, run, entries)
     refusal = one_refusal(collector)
     assert refusal.get("reason").startswith("address-mismatch")
+    assert refusal.get("reason").count("address-mismatch") == 1  # said once, not twice
     assert "CN=web1" in refusal.get("identity")
 
 
