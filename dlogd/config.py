@@ -24,7 +24,6 @@ if TYPE_CHECKING:
 
 DEFAULT_PORT = 7878
 DEFAULT_SPOOL = "/var/spool/dlogd"
-DEFAULT_SOCKET = "/run/dlogd/submit.sock"
 DEFAULT_STATE = "/var/lib/dlogd"
 DEFAULT_CLIENT_CONFIG = "/etc/dlogd/client.conf"
 DEFAULT_SERVER_CONFIG = "/etc/dlogd/server.conf"
@@ -43,11 +42,10 @@ class TLSFiles:
 @dataclass(frozen=True)
 class Limits:
     max_file_size: int = 64 * 1024**3
-    max_connections: int = 64
     timeout: float = 60.0  # seconds without progress before a peer is dropped
     window: int = DEFAULT_WINDOW  # files offered before their acknowledgements arrive
     frame_size: int = DEFAULT_FRAME
-    max_batch: int = 256  # submits fsynced together
+    max_batch: int = 256  # submits (client) or received files (collector) fsynced together
 
 
 @dataclass(frozen=True)
@@ -84,7 +82,6 @@ class ClientConfig:
     keywords: Mapping[str, ClientKeyword]
     hosts: Mapping[str, Host]
     spool: str = DEFAULT_SPOOL
-    socket: str = DEFAULT_SOCKET
     tls: TLSFiles = field(default_factory=TLSFiles)
     limits: Limits = field(default_factory=Limits)
     retry: Retry = field(default_factory=Retry)
@@ -95,8 +92,6 @@ class ClientConfig:
 class ServerConfig:
     keywords: Mapping[str, ServerKeyword]
     hosts: Mapping[str, Host]
-    listen_address: str = "0.0.0.0"
-    listen_port: int = DEFAULT_PORT
     tls: TLSFiles = field(default_factory=TLSFiles)
     limits: Limits = field(default_factory=Limits)
     sources: tuple[str, ...] = ()
@@ -279,13 +274,11 @@ def build(
             keywords=keywords,
             hosts=hosts,
             spool=_get(data, "spool", DEFAULT_SPOOL),
-            socket=_get(data, "socket", DEFAULT_SOCKET),
             tls=tls,
             limits=limits,
             retry=Retry(_get(retry, "min", Retry.min_delay), _get(retry, "max", Retry.max_delay)),
             sources=files,
         )
-    listen = data.get("listen", {})
     return ServerConfig(
         keywords={
             name: ServerKeyword(name, {host: d for host, d in block["host"]})
@@ -297,8 +290,6 @@ def build(
             )
             for name, block in data.get("host", {}).items()
         },
-        listen_address=_get(listen, "address", "0.0.0.0"),
-        listen_port=_get(listen, "port", DEFAULT_PORT),
         tls=tls,
         limits=limits,
         sources=files,
@@ -373,7 +364,6 @@ def to_text(config: ClientConfig | ServerConfig) -> str:
     if isinstance(config, ClientConfig):
         lines += [
             f"spool {quote(config.spool)};",
-            f"socket {quote(config.socket)};",
             f"retry {{ min {_seconds(config.retry.min_delay)}; max {_seconds(config.retry.max_delay)}; }}",
         ]
         for kw in config.keywords.values():
@@ -383,9 +373,6 @@ def to_text(config: ClientConfig | ServerConfig) -> str:
             lines += [f"    host {quote(h)};" for h in kw.hosts]
             lines += [f"    copy {'yes' if kw.copy else 'no'};", "}"]
     else:
-        lines.append(
-            f"listen {{ address {quote(config.listen_address)}; port {config.listen_port}; }}"
-        )
         for skw in config.keywords.values():
             lines.append(f"keyword {quote(skw.name)} {{")
             lines += [f"    host {quote(h)} dir {quote(d)};" for h, d in skw.dirs.items()]

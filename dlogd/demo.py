@@ -21,34 +21,57 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from dlogd import client, pki
+from dlogd import client, config, pki
+from dlogd.config import (
+    ClientConfig,
+    ClientKeyword,
+    Host,
+    Retry,
+    ServerConfig,
+    ServerKeyword,
+)
 
 KEYWORD = "audit"
 
 
 def _write_configs(root: Path, port: int) -> tuple[Path, Path]:
+    """This machine as the client "web1" and the collector "logs1", in config text
+    written by :func:`dlogd.config.to_text` (the same text an operator would write)."""
     ca = pki.make_ca(root / "pki", "dlogd demo CA")
-    for host in ("logs1", "web1"):
-        pki.make_host_cert(ca, host, root / "pki", ip_addresses=["127.0.0.1"])
+    certs = {
+        host: pki.make_host_cert(ca, host, root / "pki", ip_addresses=["127.0.0.1"])
+        for host in ("logs1", "web1")
+    }
+    collector = Host("logs1", "127.0.0.1", port, pki.fingerprint(certs["logs1"].certificate))
     client_conf = root / "client.conf"
     client_conf.write_text(
-        f"""# dlogd demo: this machine as the client host "web1"
-spool "{root}/spool";
-socket "{root}/submit.sock";
-tls {{ certificate "{root}/pki/web1.crt"; key "{root}/pki/web1.key"; ca "{root}/pki/ca.crt"; }}
-retry {{ min 1; max 5; }}
-keyword "{KEYWORD}" {{ uid "{os.getuid()}"; host "logs1"; }}
-host "logs1" {{ address "127.0.0.1"; port {port}; fingerprint "sha256:{pki.fingerprint(root / "pki" / "logs1.crt")}"; }}
-"""
+        config.to_text(
+            ClientConfig(
+                keywords={
+                    KEYWORD: ClientKeyword(
+                        KEYWORD, frozenset({os.getuid()}), frozenset(), ("logs1",)
+                    )
+                },
+                hosts={"logs1": collector},
+                spool=str(root / "spool"),
+                tls=pki.tls_files(ca, certs["web1"]),
+                retry=Retry(1, 5),
+            )
+        )
     )
     server_conf = root / "server.conf"
     server_conf.write_text(
-        f"""# dlogd demo: this machine as the collector "logs1"
-listen {{ address "127.0.0.1"; port {port}; }}
-tls {{ certificate "{root}/pki/logs1.crt"; key "{root}/pki/logs1.key"; ca "{root}/pki/ca.crt"; }}
-keyword "{KEYWORD}" {{ host "web1" dir "{root}/remote/web1/{KEYWORD}"; }}
-host "web1" {{ address "127.0.0.1"; }}
-"""
+        config.to_text(
+            ServerConfig(
+                keywords={
+                    KEYWORD: ServerKeyword(
+                        KEYWORD, {"web1": str(root / "remote" / "web1" / KEYWORD)}
+                    )
+                },
+                hosts={"web1": Host("web1", "127.0.0.1")},
+                tls=pki.tls_files(ca, certs["logs1"]),
+            )
+        )
     )
     return client_conf, server_conf
 

@@ -66,8 +66,8 @@ from dlogd.tls import (
     server_context,
 )
 
-MAX_BATCH_FILES = 64
 MAX_BATCH_BYTES = 256 * 1024 * 1024
+STANDALONE_BACKLOG = 64  # development mode only: under systemd the socket unit listens
 
 
 class Refused(Exception):
@@ -205,7 +205,7 @@ class Session:
             return
         self.batch[incoming.upload] = incoming.offer
         self.batch_bytes += incoming.offer.size
-        if len(self.batch) >= MAX_BATCH_FILES or self.batch_bytes >= MAX_BATCH_BYTES:
+        if len(self.batch) >= self.config.limits.max_batch or self.batch_bytes >= MAX_BATCH_BYTES:
             self._commit()
 
     def _fail(self, offer: Offer, code: Code, why: str) -> None:
@@ -307,7 +307,7 @@ def serve(sock: socket.socket, config: ServerConfig) -> int:
         try:
             host = identify_sender(identity, peer_ip, config.hosts)
         except PeerRefused as exc:
-            _peer_refused(peer, str(identity), f"{exc.code}: {exc}")
+            _peer_refused(peer, str(identity), str(exc))
             link.tell(Error(Code.PEER_NOT_ALLOWED, f"{exc.code}: not accepted here"))
             return 1
         try:
@@ -368,7 +368,7 @@ def serve_standalone(address: str, port: int, config: ServerConfig) -> None:
     with socket.socket(family, socket.SOCK_STREAM) as server:
         server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         server.bind((address, port))
-        server.listen(config.limits.max_connections)
+        server.listen(STANDALONE_BACKLOG)
         print(f"dlogd-receive: listening on {address}:{server.getsockname()[1]}", flush=True)
         while True:
             conn, _ = server.accept()

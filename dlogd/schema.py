@@ -45,6 +45,13 @@ SIZE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 # Divide for ms: 9 * 0.001 is not 9 / 1000 in floating point, and to_text must round-trip.
 DURATION_UNITS = {None: (1, 1), "s": (1, 1), "ms": (1, 1000), "min": (60, 1), "h": (3600, 1)}
 MAX_UID = 2**32 - 2  # (uid_t)-1 means "no uid" to the kernel
+# Directives dlogd once documented but never used: the systemd units decide these.
+UNIT_DECIDES = {
+    "socket": "the submit socket is dlogd-submit.socket's ListenStream= "
+    "(clients find it at $DLOGD_SOCKET or /run/dlogd/submit.sock)",
+    "listen": "the collector's address and port are dlogd-receive.socket's ListenStream=",
+    "max_connections": "concurrent connections are the socket unit's MaxConnections=",
+}
 
 
 class Shaped:
@@ -303,7 +310,6 @@ TLS = _block(
 LIMITS = _block(
     {
         vol.Optional("max_file_size"): once(size),
-        vol.Optional("max_connections"): once(positive),
         vol.Optional("timeout"): once(duration),
         vol.Optional("window"): once(window),
         vol.Optional("frame_size"): once(frame_size),
@@ -326,7 +332,6 @@ SERVER_HOST = _block(
 CLIENT = _block(
     {
         vol.Optional("spool"): once(absolute_path),
-        vol.Optional("socket"): once(absolute_path),
         vol.Optional("tls"): TLS,
         vol.Optional("limits"): LIMITS,
         vol.Optional("retry"): _block(
@@ -349,9 +354,6 @@ CLIENT = _block(
 )
 SERVER = _block(
     {
-        vol.Optional("listen"): _block(
-            {vol.Optional("address"): once(host_name), vol.Optional("port"): once(port)}
-        ),
         vol.Optional("tls"): TLS,
         vol.Optional("limits"): LIMITS,
         vol.Optional("keyword"): {
@@ -390,6 +392,8 @@ def _problem(shaped: Shaped, error: vol.Invalid) -> Problem:
     message = error.msg
     if message == "extra keys not allowed" and path:
         message = f"unknown directive {path[-1]!r}"
+        if path[-1] in UNIT_DECIDES:
+            message += f": {UNIT_DECIDES[str(path[-1])]}"
     elif message.startswith("required key not provided"):
         message = f"missing {path[-1]!r}"
     elif message.startswith("expected str for dictionary value") or message.startswith(

@@ -130,12 +130,12 @@ def test_one_bad_config_among_several_fails_the_run(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     bad = tmp_path / "bad.conf"
-    bad.write_text("listen { port 65536; }\n")
+    bad.write_text("limits { window 1025; }\n")
     status, out, err = run(capsys, "--client", str(CLIENT_EXAMPLE), "--server", str(bad))
     assert status == 1
     assert out == f"{CLIENT_EXAMPLE}: valid client config\n"
     assert err.splitlines() == [
-        f"{bad}:1:15: error: port 65536 out of range: expected 1-65535",
+        f"{bad}:1:17: error: 1025: expected a whole number from 1 to 1024",
         f"{bad}: invalid server config (1 errors)",
     ]
 
@@ -181,7 +181,7 @@ def test_dump_of_both_roles_is_a_json_list_as_a_real_process() -> None:
     assert result.returncode == 0
     client, server = json.loads(result.stdout)
     assert (client["role"], server["role"]) == ("client", "server")
-    assert server["listen_port"] == 7878
+    assert server["limits"]["window"] == 64
     assert client["sources"][0] == str(CLIENT_EXAMPLE)
     assert any(s.endswith(".conf") and "/client.d/" in s for s in client["sources"])
 

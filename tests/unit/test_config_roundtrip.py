@@ -57,7 +57,6 @@ def limits(durations: st.SearchStrategy[float]) -> st.SearchStrategy[Limits]:
     return st.builds(
         Limits,
         max_file_size=sizes,
-        max_connections=positives,
         timeout=durations,
         window=st.integers(1, dlogd.names.MAX_WINDOW),
         frame_size=st.integers(dlogd.names.MIN_FRAME, dlogd.names.MAX_FRAME),
@@ -98,7 +97,6 @@ def client_configs(
         keywords=keywords,
         hosts=hosts,
         spool=draw(paths),
-        socket=draw(paths),
         tls=draw(tls_files),
         limits=draw(limits(durations)),
         retry=Retry(draw(durations), draw(durations)),
@@ -126,8 +124,6 @@ def server_configs(draw: st.DrawFn) -> ServerConfig:
     return ServerConfig(
         keywords=keywords,
         hosts=hosts,
-        listen_address=draw(host_names),
-        listen_port=draw(st.integers(1, 65535)),
         tls=draw(tls_files),
         limits=draw(limits(durations_any)),
     )
