@@ -24,7 +24,7 @@ clib:
 lint: setup
 	$(VENV)/bin/ruff check dlogd tests
 	$(VENV)/bin/ruff format --check dlogd tests
-	$(VENV)/bin/mypy --strict dlogd
+	$(VENV)/bin/mypy --strict dlogd tests
 
 # Unit and process tiers: seconds to a minute.
 test-fast: lint clib

@@ -20,25 +20,32 @@ from pathlib import Path
 import pytest
 
 from dlogd import submitwire
+from dlogd.config import ClientConfig, ClientKeyword, Host, to_text
 from dlogd.spool import Spool
 from dlogd.submitwire import Code, Request
 
 pytestmark = pytest.mark.faults
 
 HOSTS = frozenset({"logs1", "logs2"})
-CONFIG = """
-spool "{spool}";
-keyword "audit" {{ uid "0"; host "logs1"; host "logs2"; }}
-keyword "copied" {{ uid "0"; host "logs1"; host "logs2"; copy yes; }}
-host "logs1" {{ }}
-host "logs2" {{ }}
-"""
 
 
 def run_instance(tmp_path: Path, keyword: str, source: Path, crash_at: str) -> tuple[int, bytes]:
     """One submit through one service instance; (its exit status, the bytes it answered)."""
     config = tmp_path / "client.conf"
-    config.write_text(CONFIG.format(spool=tmp_path / "spool"))
+    config.write_text(
+        to_text(
+            ClientConfig(
+                keywords={
+                    "audit": ClientKeyword("audit", frozenset({0}), frozenset(), tuple(HOSTS)),
+                    "copied": ClientKeyword(
+                        "copied", frozenset({0}), frozenset(), tuple(HOSTS), True
+                    ),
+                },
+                hosts={h: Host(h, h) for h in HOSTS},
+                spool=str(tmp_path / "spool"),
+            )
+        )
+    )
     ours, theirs = socket.socketpair()
     fd = theirs.fileno()
     # bash, not sh: dash cannot redirect descriptors above 9.

@@ -34,6 +34,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dlogd import client, names
+from dlogd.config import ClientConfig, ClientKeyword, Host, Limits, to_text
 
 pytestmark = pytest.mark.process
 
@@ -117,20 +118,31 @@ def user() -> Iterator[User]:
         _checked("groupdel", group)
 
 
-def _config(spool: Path, user: User, limits: str = "") -> str:
-    return f"""
-spool "{spool}";
-keyword "audit" {{ uid "{user.uid}"; host "logs1"; }}
-keyword "staff" {{ group "{user.group}"; host "logs1"; }}
-keyword "rootonly" {{ uid "0"; host "logs1"; }}
-keyword "both" {{ uid "0"; uid "{user.uid}"; host "logs1"; }}
-host "logs1" {{ }}
-{limits}
-"""
+def _config(spool: Path, user: User, limits: Limits) -> str:
+    """The service's config, through the config's own writer."""
+
+    def keyword(name: str, uids: set[int], groups: set[str]) -> ClientKeyword:
+        return ClientKeyword(name, frozenset(uids), frozenset(groups), ("logs1",))
+
+    return to_text(
+        ClientConfig(
+            keywords={
+                "audit": keyword("audit", {user.uid}, set()),
+                "staff": keyword("staff", set(), {user.group}),
+                "rootonly": keyword("rootonly", {0}, set()),
+                "both": keyword("both", {0, user.uid}, set()),
+            },
+            hosts={"logs1": Host("logs1", "logs1")},
+            spool=str(spool),
+            limits=limits,
+        )
+    )
 
 
 @contextlib.contextmanager
-def _running_service(world: Path, name: str, user: User, limits: str = "") -> Iterator[Service]:
+def _running_service(
+    world: Path, name: str, user: User, limits: Limits | None = None
+) -> Iterator[Service]:
     """The real service under systemd-socket-activate, as dlogd.socket runs it."""
     root = world / name
     files = root / "files"  # the caller's files: reachable and writable by the test user
@@ -140,7 +152,7 @@ def _running_service(world: Path, name: str, user: User, limits: str = "") -> It
     private.mkdir(mode=0o700)
     os.chown(files, user.uid, -1)
     conf = private / "client.conf"
-    conf.write_text(_config(private / "spool", user, limits))
+    conf.write_text(_config(private / "spool", user, limits or Limits()))
     sock, log = root / "submit.sock", private / "service.log"
     with log.open("w") as out:
         proc = subprocess.Popen(
@@ -182,7 +194,7 @@ def service(world: Path, user: User) -> Iterator[Service]:
 @pytest.fixture(scope="module")
 def small_service(world: Path, user: User) -> Iterator[Service]:
     """A service whose max_file_size is 100 bytes."""
-    with _running_service(world, "small", user, "limits { max_file_size 100; }") as running:
+    with _running_service(world, "small", user, Limits(max_file_size=100)) as running:
         yield running
 
 

@@ -28,7 +28,8 @@ from typing import Any
 
 import pytest
 
-from dlogd import submitwire
+from dlogd import config, submitwire
+from dlogd.config import ClientConfig, ClientKeyword, Host, Limits
 from dlogd.spool import Spool
 from dlogd.submitwire import Code, Request, Response
 
@@ -138,14 +139,20 @@ class Service:
         return self.log.read_text(errors="replace")
 
 
-CONFIG = """
-spool "{spool}";
-limits {{ max_file_size "2G"; timeout "{timeout}s"; }}
-keyword "audit" {{ uid "{uid}"; uid "0"; group "{group}"; host "logs1"; host "logs2"; }}
-keyword "copied" {{ uid "{uid}"; uid "0"; host "logs1"; host "logs2"; copy yes; }}
-host "logs1" {{ }}
-host "logs2" {{ }}
-"""
+def client_config_text(spool: Path, uid: int, group: str, timeout: float) -> str:
+    """The service's config, through the config's own writer."""
+    hosts = ("logs1", "logs2")
+    return config.to_text(
+        ClientConfig(
+            keywords={
+                "audit": ClientKeyword("audit", frozenset({uid, 0}), frozenset({group}), hosts),
+                "copied": ClientKeyword("copied", frozenset({uid, 0}), frozenset(), hosts, True),
+            },
+            hosts={h: Host(h, h) for h in hosts},
+            spool=str(spool),
+            limits=Limits(max_file_size=2 * 1024**3, timeout=timeout),
+        )
+    )
 
 
 def start_service(work: Path, config_text: str, env: dict[str, str] | None = None) -> Service:
@@ -183,9 +190,7 @@ def workdir() -> Iterator[Path]:
 
 @pytest.fixture
 def service(workdir: Path, users: Users) -> Iterator[Service]:
-    text = CONFIG.format(
-        spool=workdir / "spool", uid=users.by_uid.uid, group=users.group, timeout=TIMEOUT_S
-    )
+    text = client_config_text(workdir / "spool", users.by_uid.uid, users.group, TIMEOUT_S)
     svc = start_service(workdir, text)
     try:
         yield svc

@@ -45,7 +45,7 @@ def test_a_keyword_and_host_the_schema_accepts_can_be_submitted_spooled_and_offe
                 os.close(fd)
             spool.commit()
             (entry,) = spool.pending()
-    assert (entry.keyword, entry.owed) == (keyword, {host})
+    assert (entry.keyword, entry.owed) == (keyword, frozenset({host}))
     Offer(1, keyword, added.name, 1, bytes(32))
 
 

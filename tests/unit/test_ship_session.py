@@ -181,7 +181,7 @@ def test_every_case_in_one_connection(world: World, capfd: pytest.CaptureFixture
     assert {r.message.rsplit(" ", 1)[-1] for r in resumes} == {"7000"}
     # The refused one is held, still owed; everything else is acknowledged and gone.
     [left] = owed(world)
-    assert (left.keyword, left.name, left.held) == ("secret", secret, {COLLECTOR})
+    assert (left.keyword, left.name, left.held) == ("secret", secret, frozenset({COLLECTOR}))
     assert any(r.get("reason") == "KEYWORD_NOT_ALLOWED" for r in talk.records)
 
 

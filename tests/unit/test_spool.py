@@ -296,7 +296,11 @@ def test_hold_keeps_the_entry_owed_and_says_why(spool: Spool, tmp_path: Path) ->
     (entry,) = spool.pending()
     spool.hold(entry, "logs1", 5000.0, "refused: TOO_LARGE")
     (entry,) = spool.pending()
-    assert (entry.name, entry.owed, entry.held) == (name, {"logs1", "logs2"}, {"logs1"})
+    assert (entry.name, entry.owed, entry.held) == (
+        name,
+        frozenset({"logs1", "logs2"}),
+        frozenset({"logs1"}),
+    )
     assert spool.held_until(entry, "logs1") == (5000.0, "refused: TOO_LARGE")
     assert spool.held_until(entry, "logs2") == (0.0, "")
 
@@ -335,7 +339,7 @@ def test_every_host_a_client_config_accepts_can_be_owed(spool: Spool, tmp_path: 
     name = add_file(spool, write(tmp_path / "x.log", b"x"), hosts=hosts)
 
     (entry,) = spool.pending()
-    assert (entry.name, entry.owed) == (name, {"::1"})
+    assert (entry.name, entry.owed) == (name, frozenset({"::1"}))
     spool.acknowledge(entry, "::1")
     spool.commit()
     assert list(spool.pending()) == []
