@@ -81,7 +81,11 @@ class PlaybookRun:
 
     @property
     def recap_text(self) -> str:
-        return "PLAY RECAP" + self.output.rsplit("PLAY RECAP", 1)[-1] if "PLAY RECAP" in self.output else ""
+        return (
+            "PLAY RECAP" + self.output.rsplit("PLAY RECAP", 1)[-1]
+            if "PLAY RECAP" in self.output
+            else ""
+        )
 
     def changed(self) -> dict[str, int]:
         return {host: counts["changed"] for host, counts in self.recap.items()}
@@ -90,7 +94,9 @@ class PlaybookRun:
         """This run, if it succeeded on every host; else :class:`LabError` with its output."""
         failed = {h: c for h, c in self.recap.items() if c["failed"] or c["unreachable"]}
         if self.returncode != 0 or failed or not self.recap:
-            raise LabError(f"{' '.join(self.argv)} failed ({self.returncode}):\n{self.output[-6000:]}")
+            raise LabError(
+                f"{' '.join(self.argv)} failed ({self.returncode}):\n{self.output[-6000:]}"
+            )
         return self
 
 
@@ -163,9 +169,13 @@ def lab_fleet_vars(alice_uid: int, *, fast_timer: bool) -> dict[str, Any]:
     return {
         "dlogd_keywords": [{"name": KEYWORD, "collectors": ["dlogd_collectors"]}],
         "dlogd_submitters": [
-            {"keyword": KEYWORD, "hosts": ["dlogd_clients"], "uids": [alice_uid],
-             "groups": [PERMITTED_GROUP]},
-        ],  # fmt: skip
+            {
+                "keyword": KEYWORD,
+                "hosts": ["dlogd_clients"],
+                "uids": [alice_uid],
+                "groups": [PERMITTED_GROUP],
+            },
+        ],
         "dlogd_pin_fingerprints": True,
         "dlogd_client_retry": {"min": RETRY_MIN, "max": RETRY_MAX},
         "dlogd_client_limits": {"timeout": f"{CLIENT_TIMEOUT}s"},

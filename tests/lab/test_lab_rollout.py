@@ -1,0 +1,203 @@
+"""Lab rollout: what ``ansible-playbook site.yml`` built, and rolling out again.
+
+Place in the flow: the session's ``fleet`` fixture ran site.yml once on
+fresh hosts (tests/lab/labfleet.py); these tests look at what it built
+(keys, certificates, configs derived from the one fleet description,
+launchers), then run the playbook again the way an operator does: with no
+change (nothing may change), in check mode, with a bad value (the working
+config stays), with a certificate inside its renewal window (re-issued and
+used from the next connection, nothing restarted) and with a client taken
+off a keyword (the collector refuses it). Each test that changes the fleet
+description rolls the lab's own description out again before it ends, so
+the scenarios in the other lab modules run on the fleet they expect.
+
+Tests run in file order: the no-change runs come right after the first run.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from labfleet import (
+    CLIENT_CONF,
+    CLIENT_UNITS,
+    CLIENTS,
+    COLLECTOR,
+    KEYWORD,
+    SERVER_CONF,
+    SERVER_UNITS,
+    TLS_DIR,
+    Fleet,
+    PlaybookRun,
+    records,
+    sha256s,
+    unit_invocations,
+    wait_for_files,
+)
+from labhosts import LabHost, wait_until
+
+from dlogd import journal
+
+
+def dump(host: LabHost, role: str) -> dict[str, Any]:
+    """The host's config as dlogd reads it (``check-config --dump``)."""
+    path = CLIENT_CONF if role == "client" else SERVER_CONF
+    out = host.run(["dlogctl", "check-config", f"--{role}", path, "--dump"]).stdout
+    parsed: dict[str, Any] = json.loads(out)
+    return parsed
+
+
+def certificate(host: LabHost) -> dict[str, str]:
+    """Serial, SHA-256 fingerprint and subjectAltName of the host's certificate."""
+    argv = ["openssl", "x509", "-in", f"{TLS_DIR}/host.crt", "-noout", "-serial",
+            "-fingerprint", "-sha256", "-ext", "subjectAltName"]  # fmt: skip
+    out = host.run(argv).stdout
+    serial = out.split("serial=", 1)[1].split()[0]
+    digest = out.split("Fingerprint=", 1)[1].split()[0].replace(":", "").lower()
+    return {"serial": serial, "fingerprint": digest, "san": out.rsplit("\n", 2)[-2].strip()}
+
+
+def all_invocations(fleet: Fleet) -> dict[str, dict[str, str]]:
+    ids = {c.name: unit_invocations(c, CLIENT_UNITS) for c in fleet.clients}
+    ids[COLLECTOR] = unit_invocations(fleet.collector, SERVER_UNITS)
+    return ids
+
+
+def assert_no_change(run: PlaybookRun) -> None:
+    run.check()
+    assert set(run.recap) == {"localhost", COLLECTOR, *CLIENTS}, run.recap_text
+    assert run.changed() == dict.fromkeys(run.recap, 0), run.output[-8000:]
+
+
+@pytest.fixture
+def restore(fleet: Fleet) -> Iterator[Fleet]:
+    """Roll the lab's own description out again after the test."""
+    try:
+        yield fleet
+    finally:
+        fleet.rollout().check()
+
+
+def test_first_run_built_keys_certificates_and_derived_configs(fleet: Fleet) -> None:
+    run = fleet.first_run
+    assert all(counts["changed"] > 0 for host, counts in run.recap.items() if host != "localhost")
+    owners = {COLLECTOR: "dlogd-recv", **dict.fromkeys(CLIENTS, "dlogd")}
+    for name, owner in owners.items():
+        host = fleet.lab[name]
+        listing = host.run(f"stat -c '%n %a %U %G' {TLS_DIR} {TLS_DIR}/*").stdout.split("\n")
+        assert listing[:4] == [
+            f"{TLS_DIR} 750 root dlogd",
+            f"{TLS_DIR}/ca.crt 644 root root",
+            f"{TLS_DIR}/host.crt 644 root root",
+            f"{TLS_DIR}/host.key 400 {owner} {owner}",
+        ], name
+        # The CA key stays on the control node.
+        assert not host.run(["sh", "-c", "ls /etc/dlogd/tls /opt/dlogd | grep -i 'ca.key'"],
+                            check=False).stdout  # fmt: skip
+        assert certificate(host)["san"] == f"DNS:{name}, IP Address:{host.address}"
+        launcher = host.read_file("/usr/local/bin/dlogd-ship").decode().splitlines()
+        assert launcher[0] == "#!/opt/dlogd/venv/bin/python -IS"
+    assert (fleet.inventory_dir / "pki" / "ca.key").stat().st_mode & 0o777 == 0o600
+
+    server = dump(fleet.collector, "server")
+    assert server["keywords"][KEYWORD]["dirs"] == {c: fleet.store_dir(c) for c in CLIENTS}
+    pins = {c: certificate(fleet.lab[c])["fingerprint"] for c in CLIENTS}
+    assert {n: h["fingerprint"] for n, h in server["hosts"].items()} == pins
+    for client in fleet.clients:
+        config = dump(client, "client")
+        assert list(config["keywords"]) == [KEYWORD]
+        assert config["hosts"][COLLECTOR]["address"] == fleet.collector.address
+        assert (
+            config["hosts"][COLLECTOR]["fingerprint"] == certificate(fleet.collector)["fingerprint"]
+        )
+
+
+def test_second_run_changes_nothing(fleet: Fleet) -> None:
+    assert_no_change(fleet.rollout())
+
+
+def test_check_diff_on_the_converged_fleet_reports_no_change(fleet: Fleet) -> None:
+    assert_no_change(fleet.rollout("--check", "--diff"))
+
+
+def test_bad_value_fails_on_the_host_and_keeps_the_running_config(fleet: Fleet) -> None:
+    web1 = fleet.lab["web1"]
+    before = sha256s(web1, [CLIENT_CONF])
+    # limits { window } allows 1-1024: only the host's validate: can say so.
+    run = fleet.rollout(host_vars={"web1": {"dlogd_client_limits": {"window": 5000}}})
+    assert run.returncode != 0
+    assert run.recap["web1"]["failed"] == 1, run.recap_text
+    assert run.recap["web2"]["failed"] == 0, run.recap_text
+    assert "window" in run.output and "error:" in run.output, run.output[-4000:]
+    assert sha256s(web1, [CLIENT_CONF]) == before
+    web1.run(["dlogctl", "check-config", "--client", CLIENT_CONF])
+
+
+def test_renewed_certificate_is_used_from_the_next_connection_without_restarts(
+    restore: Fleet,
+) -> None:
+    fleet = restore
+    web1, logs1 = fleet.lab["web1"], fleet.collector
+    old = certificate(web1)
+    units = all_invocations(fleet)
+    # A window longer than the validity: the certificate is due for renewal now.
+    run = fleet.rollout(host_vars={"web1": {"dlogd_pki_renew_before": "+400d"}}).check()
+    new = certificate(web1)
+    assert new["serial"] != old["serial"] and new["fingerprint"] != old["fingerprint"]
+    assert new["san"] == old["san"]
+    assert run.changed()["web2"] == 0, run.output[-6000:]
+    # The collector pins the new certificate: a delivery that arrives was made with it.
+    assert dump(logs1, "server")["hosts"]["web1"]["fingerprint"] == new["fingerprint"]
+    started = time.time()
+    path = "/home/alice/after-renewal.log"
+    web1.write_file(path, b"renewed\n" * 100, 0o600, owner="alice")
+    [answer] = fleet.submit_py(web1, "alice", KEYWORD, path)
+    assert answer.startswith(f"OK {KEYWORD}/"), answer
+    name = answer.split("/", 1)[1]
+    wait_for_files(logs1, fleet.store_dir("web1"), [name], timeout=40)
+    stored = records(logs1, journal.RECEIVE_STORED, since=started, file=name)
+    assert [r["DLOGD_HOST"] for r in stored] == ["web1"], logs1.journal_text()
+    assert all_invocations(fleet) == units
+
+
+def test_client_taken_off_a_keyword_is_refused_by_the_collector(restore: Fleet) -> None:
+    fleet = restore
+    web2, logs1 = fleet.lab["web2"], fleet.collector
+    description = fleet.description()
+    description["dlogd_submitters"] = [
+        {**entry, "hosts": ["web1"]} for entry in description["dlogd_submitters"]
+    ]
+    # web2 keeps its old client.conf (and a file to send) while the
+    # collector is rolled out first, as a rollout in stages does.
+    web2.run(["systemctl", "stop", "dlogd-ship.path", "dlogd-ship.timer"])
+    try:
+        path = "/home/alice/after-removal.log"
+        web2.write_file(path, b"late\n" * 100, 0o600, owner="alice")
+        [answer] = fleet.submit_py(web2, "alice", KEYWORD, path)
+        assert answer.startswith(f"OK {KEYWORD}/"), answer
+        name = answer.split("/", 1)[1]
+        units = unit_invocations(logs1, SERVER_UNITS)
+        run = fleet.rollout("--limit", "dlogd_collectors", fleet_vars=description).check()
+        assert run.changed()[COLLECTOR] > 0
+        assert dump(logs1, "server")["keywords"][KEYWORD]["dirs"] == {
+            "web1": fleet.store_dir("web1")
+        }
+        started = time.time()
+        web2.run(["systemctl", "start", "dlogd-ship.service"], check=False)
+
+        def refused() -> bool:
+            found = records(logs1, journal.RECEIVE_REFUSED, since=started, host="web2")
+            found += records(logs1, journal.PEER_REFUSED, since=started)
+            return bool(found)
+
+        wait_until(refused, 30, "the collector to refuse web2")
+        assert name not in " ".join(
+            logs1.run(["ls", "-R", "/var/log/remote"], check=False).stdout.split()
+        )
+        assert unit_invocations(logs1, SERVER_UNITS) == units
+    finally:
+        web2.run(["systemctl", "start", "dlogd-ship.path", "dlogd-ship.timer"])
