@@ -12,8 +12,10 @@ $(VENV)/.ready: pyproject.toml scripts/setup.sh
 
 setup: $(VENV)/.ready
 
-# Boots three real systemd hosts (root, systemd-nspawn), ships a file from one
-# to another and says where to look. `dlogctl demo` is the same flow without systemd.
+# Boots three real systemd hosts (root, systemd-nspawn) with sshd, rolls the
+# fleet out with `ansible-playbook site.yml` (recap and time printed), ships a
+# file from one to another and says where to look. `dlogctl demo` is the same
+# flow without systemd.
 demo: setup
 	$(MAKE) -C clib all test-program
 	$(PY) scripts/lab-demo.py
@@ -24,6 +26,8 @@ clib:
 lint: setup
 	$(VENV)/bin/ruff check dlogd tests
 	$(VENV)/bin/ruff format --check dlogd tests
+	cd ansible && PATH="$(CURDIR)/$(VENV)/bin:$$PATH" ansible-lint -q --profile production
+	cd ansible && PATH="$(CURDIR)/$(VENV)/bin:$$PATH" ansible-playbook --syntax-check site.yml install.yml
 	$(VENV)/bin/mypy --strict dlogd tests
 
 # Unit and process tiers: seconds to a minute.

@@ -1,15 +1,20 @@
 #!/bin/sh
 # Set up a development/test environment: Debian packages, then a venv with dlogd
-# and its test extra. Idempotent; `make` calls it before anything else.
+# and its test and fleet extras (Ansible, ansible-lint). Idempotent; `make`
+# calls it before anything else.
 set -eu
 cd "$(dirname "$0")/.."
 
 # libsystemd-dev + pkg-config: systemd-python builds from source.
 # systemd: systemd-socket-activate, systemd-analyze. systemd-container + iproute2:
 # the lab (systemd-nspawn, ip netns). gcc/make: libdlogd.so. rsync, socat,
-# openssh: benchmarks compare against them; the lab runs Ansible over SSH.
+# openssh: benchmarks compare against them; the lab runs Ansible over SSH
+# (sshd in each lab host). python3-cryptography: community.crypto on the lab
+# hosts (their Python is /usr/bin/python3). vagrant: `vagrant validate` of
+# vagrant/Vagrantfile (no provider is needed for that).
 PACKAGES="libsystemd-dev pkg-config systemd systemd-container iproute2 gcc make \
-python3-venv rsync socat openssh-client openssh-server acl util-linux"
+python3-venv python3-cryptography rsync socat openssh-client openssh-server acl \
+util-linux vagrant"
 
 missing=""
 for p in $PACKAGES; do
@@ -30,4 +35,4 @@ if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip 2>/dev/null || true
-.venv/bin/python -m pip install -q -e '.[test]'
+.venv/bin/python -m pip install -q -e '.[test,fleet]'
