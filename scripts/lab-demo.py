@@ -2,12 +2,15 @@
 """dlogd on real systemd hosts: boot a lab, ship a file, show where to look.
 
 Place in the flow: the demo of the whole product under its real units. It
-boots three containers with tests/lab/labhosts.py (logs1 192.0.2.10, the
-collector; web1 .11 and web2 .12, clients), installs the fleet with
-tests/lab/labfleet.py (CA and host certificates, configs, install.sh, units),
-submits one file as the permitted user "alice" on web1 through libdlogd and
-one through Python, waits for both on logs1, compares them byte for byte and
-prints the journal records on both hosts with the commands that show them.
+boots three containers with sshd with tests/lab/labhosts.py (logs1
+192.0.2.10, the collector; web1 .11 and web2 .12, clients), rolls the fleet
+out with ``ansible-playbook ansible/site.yml`` over SSH (tests/lab/labfleet.py
+writes the inventory and the fleet description; the playbook does the rest:
+wheelhouse install, units, CA and host certificates, configs) and prints the
+playbook's recap and the time it took, then submits one file as the
+permitted user "alice" on web1 through libdlogd and one through Python,
+waits for both on logs1, compares them byte for byte and prints the journal
+records on both hosts with the commands that show them.
 
     sudo .venv/bin/python scripts/lab-demo.py          # tears the lab down at the end
     sudo .venv/bin/python scripts/lab-demo.py --keep   # leaves it running to explore
@@ -106,7 +109,7 @@ def show_journals(fleet: labfleet.Fleet, web1: LabHost, names: list[str]) -> Non
     say(f"   refusals: journalctl MESSAGE_ID={journal.SUBMIT_REFUSED} (see docs/journal.md)")
 
 
-def explain_kept(lab: Lab) -> None:
+def explain_kept(lab: Lab, inventory_dir: Path) -> None:
     step("the lab keeps running")
     for host in lab.hosts.values():
         say(f"   {host.name:6} {host.address:12} {nsenter(host, 'bash')}")
@@ -116,6 +119,9 @@ def explain_kept(lab: Lab) -> None:
         f"   {nsenter(lab['web1'], '')}setpriv --reuid=alice --regid=alice --init-groups "
         f"{REPO / labfleet.CLIB_PROGRAM} audit FILE"
     )
+    say("   roll out again (from the control node's lab namespace):")
+    say(f"   cd {REPO}/ansible && sudo ip netns exec {labhosts.CONTROL_NS} "
+        f"{Path(sys.executable).parent}/ansible-playbook -i {inventory_dir}/hosts.yml site.yml")  # fmt: skip
     say(f"   stop it: sudo {sys.executable} {Path(__file__).resolve()} --stop")
 
 
@@ -123,17 +129,19 @@ def run(keep: bool) -> int:
     step("building clib (libdlogd and its test program)")
     labfleet.build_clib(REPO)
     lab = Lab()
-    pki_dir = Path(tempfile.mkdtemp(prefix="dlogd-lab-pki-"))
+    inventory_dir = Path(tempfile.mkdtemp(prefix="dlogd-lab-inventory-"))
     ok = False
     try:
         step("booting logs1 (collector), web1 and web2 (clients) in systemd-nspawn")
         lab.start()
         say(f"   booted in {lab.boot_seconds:.1f}s: " + ", ".join(
             f"{h.name} {h.address}" for h in lab.hosts.values()))  # fmt: skip
-        step("installing the fleet: CA + host certificates, configs, install.sh, units")
-        started = time.monotonic()
-        fleet = labfleet.install_fleet(lab, REPO, REPO / ".venv", pki_dir)
-        say(f"   done in {time.monotonic() - started:.1f}s; certificates made in {pki_dir}")
+        step("rolling the fleet out: ansible-playbook site.yml (over SSH into the hosts)")
+        fleet = labfleet.install_fleet(lab, REPO, inventory_dir)
+        run = fleet.first_run
+        say(f"   $ cd ansible && ansible-playbook -i {inventory_dir}/hosts.yml site.yml")
+        say(indent(run.recap_text, "   | "))
+        say(f"   the playbook took {run.seconds:.1f}s; the CA stays in {inventory_dir}/pki")
         say("   web1/web2: /etc/dlogd/client.conf (alice by uid, group auditors), "
             "dlogd.socket, dlogd-ship.path, dlogd-ship.timer")  # fmt: skip
         say("   logs1: /etc/dlogd/server.conf (audit from web1, web2), dlogd-receive.socket")
@@ -150,9 +158,10 @@ def run(keep: bool) -> int:
     except LabError as err:
         say(f"\nFAILED: {err}")
     finally:
-        shutil.rmtree(pki_dir, ignore_errors=True)
+        if not keep:
+            shutil.rmtree(inventory_dir, ignore_errors=True)
         if keep:
-            explain_kept(lab)
+            explain_kept(lab, inventory_dir)
         else:
             step("tearing the lab down")
             lab.stop()
@@ -164,7 +173,8 @@ def main() -> int:
     parser.add_argument("--keep", action="store_true", help="leave the lab running")
     parser.add_argument("--stop", action="store_true", help="remove a lab left by --keep")
     args = parser.parse_args()
-    missing = [t for t in ("systemd-nspawn", "nsenter", "ip", "make", "cc") if not shutil.which(t)]
+    tools = ("systemd-nspawn", "nsenter", "ip", "make", "cc", "ssh", "ssh-keygen", "sshd")
+    missing = [t for t in tools if not shutil.which(t)]
     if os.geteuid() != 0 or missing:
         print(f"lab-demo: needs root and {missing or 'nothing else'} (see LAB.md)", file=sys.stderr)
         return 2
