@@ -181,8 +181,7 @@ def tls_block(bench: Bench, host: str) -> str:
 def server_config(bench: Bench) -> Path:
     path = bench.root / "server.conf"
     path.write_text(
-        f'listen {{ address "{LOOPBACK}"; port 7878; }}\n'
-        + tls_block(bench, "logs1")
+        tls_block(bench, "logs1")
         + f'keyword "{KEYWORD}" {{ host "web1" dir "{bench.dest / "dlogd"}"; }}\n'
         + f'host "web1" {{ address "{LOOPBACK}"; }}\n'
     )

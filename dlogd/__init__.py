@@ -1,9 +1,11 @@
 """dlogd: ship finished log files off a host to collectors, securely and without loss.
 
 The package is the whole flow: ``client`` (the ``submit()`` call an application
-makes) -> ``submit`` (the socket-activated service that spools) -> ``spool`` ->
-``ship`` (the drain) -> ``protocol`` over ``tls`` -> ``receive`` (the collector).
-``config`` is read by all of them; ``cli`` is the operator's ``dlogctl``.
+makes) -> ``submit_service`` (the socket-activated service that spools) ->
+``spool`` -> ``ship`` (the drain) -> ``shipwire`` (the protocol) through
+``driver`` over ``tls`` -> ``receive`` (the collector) -> ``store``. ``config``
+is read by all of them, ``names`` holds the rules they share; ``cli`` is the
+operator's ``dlogctl``.
 
 Importing this package must stay cheap: the submit path starts a process per
 connection, so nothing heavy is imported here.

@@ -23,9 +23,9 @@ from typing import Final
 
 from dlogd.submitwire import (
     RESPONSE_HEADER,
-    Code,
     Request,
     Response,
+    SubmitCode,
     WireError,
     encode_request_body,
     encode_request_header,
@@ -77,7 +77,7 @@ class Submitted:
 class SubmitError(OSError):
     """The service refused a file; ``code`` says why, ``errno`` follows the spec's table."""
 
-    def __init__(self, code: Code, message: str, path: str | bytes) -> None:
+    def __init__(self, code: SubmitCode, message: str, path: str | bytes) -> None:
         super().__init__(code.errno, message, path)
         self.code = code
 
@@ -117,15 +117,15 @@ class ServiceError(SubmitError):
     """A bug or a bad configuration on the service side."""
 
 
-_ERROR_CLASSES: Final[dict[Code, type[SubmitError]]] = {
-    Code.BAD_REQUEST: BadRequest,
-    Code.UNKNOWN_KEYWORD: UnknownKeyword,
-    Code.PERMISSION_DENIED: PermissionDenied,
-    Code.NOT_REGULAR_FILE: NotRegularFile,
-    Code.TOO_LARGE: TooLarge,
-    Code.BAD_NAME: BadName,
-    Code.TEMPORARY_FAILURE: TemporaryFailure,
-    Code.INTERNAL: ServiceError,
+_ERROR_CLASSES: Final[dict[SubmitCode, type[SubmitError]]] = {
+    SubmitCode.BAD_REQUEST: BadRequest,
+    SubmitCode.UNKNOWN_KEYWORD: UnknownKeyword,
+    SubmitCode.PERMISSION_DENIED: PermissionDenied,
+    SubmitCode.NOT_REGULAR_FILE: NotRegularFile,
+    SubmitCode.TOO_LARGE: TooLarge,
+    SubmitCode.BAD_NAME: BadName,
+    SubmitCode.TEMPORARY_FAILURE: TemporaryFailure,
+    SubmitCode.INTERNAL: ServiceError,
 }
 
 

@@ -1,7 +1,7 @@
 """The I/O half of a ship-protocol connection, shared by the shipper and the collector.
 
 ``ship.Delivery`` (the SENDER) and ``receive.Session`` (the RECEIVER) each
-decide what to say about the events of one :class:`dlogd.protocol.Connection`;
+decide what to say about the events of one :class:`dlogd.shipwire.Connection`;
 a :class:`Driver` does what both do with the bytes:
 
 - small messages are gathered in an outbox and go out as one TLS record,
@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Protocol
 
-from dlogd.protocol import (
+from dlogd.shipwire import (
     NEED_DATA,
     Buffer,
     Code,

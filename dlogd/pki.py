@@ -1,7 +1,8 @@
 """A throwaway fleet PKI: one CA and per-host certificates, for demos and tests.
 
-Place in the flow: nothing at runtime depends on this module. The local demo,
-the test suites and ``dlogctl`` use it to mint the files that
+Place in the flow: no service imports this module. ``dlogctl demo`` (a
+product command, so this lives in the package rather than among the tests),
+the test suites and the lab use it to mint the files that
 :class:`dlogd.config.TLSFiles` points at and that :mod:`dlogd.tls` loads. A real
 fleet gets its certificates from Ansible; this is the same shape, made small:
 EC P-256 keys, a CA that can sign only leaf certificates (path length 0), and
@@ -12,6 +13,9 @@ Keys are written 0600 and certificates 0644, each through a temporary file that
 is fsynced and then linked into place, so a crash never leaves a half-written
 key behind. Existing files are never replaced unless asked: silently
 overwriting a CA key would orphan every certificate it signed.
+
+It needs ``cryptography``, a declared dependency (pyproject.toml): ``tls``
+uses it too, and pyOpenSSL is built on it.
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ from dlogd import journal
 from dlogd.activation import inherited_connection, listen_fds
 from dlogd.config import DEFAULT_SERVER_CONFIG, ServerConfig, load_logged, load_server
 from dlogd.driver import Driver
-from dlogd.protocol import (
+from dlogd.shipwire import (
     Accept,
     AlreadyStored,
     Code,
@@ -70,7 +70,7 @@ MAX_BATCH_BYTES = 256 * 1024 * 1024
 STANDALONE_BACKLOG = 64  # development mode only: under systemd the socket unit listens
 
 
-class Refused(Exception):
+class HelloRefused(Exception):
     """We told the shipper why the connection ends; nothing more to say."""
 
 
@@ -122,7 +122,7 @@ class Session:
             self.link.send(reply)
             if isinstance(reply, Error):
                 self.link.flush()
-                raise Refused(f"{reply.code.name}: {reply.message}")
+                raise HelloRefused(f"{reply.code.name}: {reply.message}")
         elif isinstance(event, Offer):
             self.link.send(self._answer(event))
         elif isinstance(event, Data):
@@ -313,7 +313,7 @@ def serve(sock: socket.socket, config: ServerConfig) -> int:
         try:
             with link.telling_why("shipper"):
                 Session(config, link, host.name, peer).run()
-        except Refused as exc:
+        except HelloRefused as exc:
             _peer_refused(peer, str(identity), str(exc), host=host.name)
             link.tell()  # the reason is sent: close the session cleanly
             return 1

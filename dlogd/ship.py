@@ -40,7 +40,7 @@ from dlogd.config import DEFAULT_CLIENT_CONFIG, ClientConfig, Host, load_client,
 from dlogd.crash import crash_point
 from dlogd.driver import Driver
 from dlogd.fsutil import hash_fd
-from dlogd.protocol import (
+from dlogd.shipwire import (
     DATA_HEADER,
     Accept,
     AlreadyStored,
@@ -75,7 +75,7 @@ class ShipError(Exception):
 
 
 @dataclass
-class Outcome:
+class CollectorResult:
     """What happened with one collector in this run."""
 
     host: str
@@ -129,7 +129,7 @@ class Delivery:
         self.host = host
         self.queue = deque(entries)
         self.spool = spool
-        self.outcome = Outcome(host.name, owed=len(entries))
+        self.outcome = CollectorResult(host.name, owed=len(entries))
         self.outgoing: dict[int, _Outgoing] = {}
         self.next_id = 1
         self.conn = Connection(
@@ -140,7 +140,7 @@ class Delivery:
         self.frame = bytearray()
         self.link: Driver  # once connected
 
-    def run(self, connect: Callable[[Host, ClientConfig], TLSStream]) -> Outcome:
+    def run(self, connect: Callable[[Host, ClientConfig], TLSStream]) -> CollectorResult:
         try:
             stream = connect(self.host, self.config)
             try:
@@ -345,7 +345,7 @@ def plan(
     return by_host, held
 
 
-def drain(config: ClientConfig, *, now: float | None = None) -> list[Outcome]:
+def drain(config: ClientConfig, *, now: float | None = None) -> list[CollectorResult]:
     """One pass over the spool: deliver what is due, schedule what is not."""
     now = time.time() if now is None else now
     spool = Spool(config.spool)
@@ -389,10 +389,10 @@ def _assign(
     retry: RetryState,
     shared: SharedSpool,
     now: float,
-) -> tuple[list[Delivery], list[Outcome]]:
+) -> tuple[list[Delivery], list[CollectorResult]]:
     """A delivery per collector that is due; an outcome for each that is not."""
     work: list[Delivery] = []
-    waiting: list[Outcome] = []
+    waiting: list[CollectorResult] = []
     for name in sorted({*owed, *held}):
         entries, on_hold = owed.get(name, []), held.get(name, 0)
         host = config.hosts.get(name)
@@ -403,7 +403,7 @@ def _assign(
             delivery.outcome.held += on_hold
             work.append(delivery)
             continue
-        outcome = Outcome(name, owed=len(entries) + on_hold, held=on_hold)
+        outcome = CollectorResult(name, owed=len(entries) + on_hold, held=on_hold)
         if host is None:
             outcome.error = "no longer in the config; kept"
         elif deferred is not None:
@@ -412,14 +412,14 @@ def _assign(
     return work, waiting
 
 
-def _deliver(work: list[Delivery]) -> list[Outcome]:
+def _deliver(work: list[Delivery]) -> list[CollectorResult]:
     if len(work) == 1:
         return [work[0].run(connect)]  # the common case needs no thread
     with ThreadPoolExecutor(max_workers=MAX_PARALLEL_HOSTS) as pool:
         return list(pool.map(lambda d: d.run(connect), work))
 
 
-def _schedule(outcome: Outcome, retry: RetryState) -> None:
+def _schedule(outcome: CollectorResult, retry: RetryState) -> None:
     """Forget a collector's backoff when all went, else set its next attempt."""
     if outcome.complete:
         retry.succeeded(outcome.host)

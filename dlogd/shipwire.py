@@ -1,11 +1,14 @@
 """The shipper <-> collector wire protocol, without I/O (spec: docs/protocol.md).
 
-Place in the flow: ``ship`` (the SENDER, the TLS client) and ``receive`` (the
-RECEIVER, on the collector) each own one :class:`Connection`. They feed it
-what their TLS socket read (:meth:`Connection.receive_data`), take events out
-(:meth:`Connection.next_event`), and turn what they want to say into bytes
-(:meth:`Connection.send`) that they write themselves. No socket, clock or file
-is touched here, so the protocol is tested and fuzzed in memory.
+(The other protocol, between an application and the local submit service, is
+``submitwire``.) Place in the flow: ``ship`` (the SENDER, the TLS client) and
+``receive`` (the RECEIVER, on the collector) each own one :class:`Connection`,
+driven by a :class:`dlogd.driver.Driver`: it feeds the connection what the
+TLS socket read (:meth:`Connection.receive_data`), takes events out
+(:meth:`Connection.next_event`), and writes the bytes that
+:meth:`Connection.send` makes of what ``ship`` or ``receive`` want to say. No
+socket, clock or file is touched here, so the protocol is tested and fuzzed
+in memory.
 
 Theory of operation
 -------------------

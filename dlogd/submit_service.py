@@ -41,7 +41,7 @@ from dlogd.config import (
 from dlogd.crash import crash_point
 from dlogd.names import BadBasename, entry_basename
 from dlogd.spool import Added, Spool
-from dlogd.submitwire import Code, Request, Response, WireError
+from dlogd.submitwire import Request, Response, SubmitCode, WireError
 
 MAX_FDS_PER_MESSAGE = 16  # room to notice (and close) extra descriptors
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
@@ -106,7 +106,7 @@ class Received:
 
 
 @dataclass
-class Outcome:
+class Handled:
     request: Request
     response: Response
     added: Added | None = None
@@ -220,8 +220,8 @@ def read_request(stream: Stream) -> Received | None:
 # -- one request -------------------------------------------------------------------
 
 
-class Refused(Exception):
-    def __init__(self, code: Code, message: str) -> None:
+class RequestRefused(Exception):
+    def __init__(self, code: SubmitCode, message: str) -> None:
         super().__init__(message)
         self.code = code
 
@@ -234,31 +234,35 @@ class Handler:
         self.spool = spool
         self.auth = Authorizer(peer)
 
-    def handle(self, received: Received) -> Outcome:
+    def handle(self, received: Received) -> Handled:
         request = received.request
         try:
             added = self._spool(request, received.fd)
-        except Refused as e:
-            return Outcome(request, Response(e.code, str(e)))
-        return Outcome(request, Response(Code.OK, added.path, added.size), added)
+        except RequestRefused as e:
+            return Handled(request, Response(e.code, str(e)))
+        return Handled(request, Response(SubmitCode.OK, added.path, added.size), added)
 
     def _spool(self, request: Request, fd: int) -> Added:
         keyword = self.config.keywords.get(request.keyword)
         if keyword is None:
-            raise Refused(Code.UNKNOWN_KEYWORD, f"no keyword {request.keyword!r} configured")
+            raise RequestRefused(
+                SubmitCode.UNKNOWN_KEYWORD, f"no keyword {request.keyword!r} configured"
+            )
         if not self.auth.allows(keyword):
-            raise Refused(Code.PERMISSION_DENIED, f"not allowed to submit to {keyword.name!r}")
+            raise RequestRefused(
+                SubmitCode.PERMISSION_DENIED, f"not allowed to submit to {keyword.name!r}"
+            )
         size = _check_descriptor(fd, self.config.limits)
         try:
             basename = entry_basename(request.path)
         except BadBasename as e:
-            raise Refused(Code.BAD_NAME, str(e)) from None
+            raise RequestRefused(SubmitCode.BAD_NAME, str(e)) from None
         try:
             return self.spool.add(keyword.name, fd, basename, keyword.hosts, copy=keyword.copy)
         except OSError as e:
             raise _spool_failure(e, size) from None
         except ValueError as e:
-            raise Refused(Code.INTERNAL, f"bad configuration: {e}") from None
+            raise RequestRefused(SubmitCode.INTERNAL, f"bad configuration: {e}") from None
 
 
 def _check_descriptor(fd: int, limits: Limits) -> int:
@@ -266,21 +270,23 @@ def _check_descriptor(fd: int, limits: Limits) -> int:
     flags = fcntl.fcntl(fd, fcntl.F_GETFL)
     # An O_PATH or write-only descriptor proves no right to read the file.
     if flags & os.O_PATH or flags & os.O_ACCMODE == os.O_WRONLY:
-        raise Refused(Code.PERMISSION_DENIED, "descriptor is not open for reading")
+        raise RequestRefused(SubmitCode.PERMISSION_DENIED, "descriptor is not open for reading")
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
-        raise Refused(Code.NOT_REGULAR_FILE, f"not a regular file (mode {st.st_mode:o})")
+        raise RequestRefused(
+            SubmitCode.NOT_REGULAR_FILE, f"not a regular file (mode {st.st_mode:o})"
+        )
     if st.st_size > limits.max_file_size:
-        raise Refused(
-            Code.TOO_LARGE, f"{st.st_size} bytes is over the limit of {limits.max_file_size}"
+        raise RequestRefused(
+            SubmitCode.TOO_LARGE, f"{st.st_size} bytes is over the limit of {limits.max_file_size}"
         )
     return st.st_size
 
 
-def _spool_failure(e: OSError, size: int) -> Refused:
+def _spool_failure(e: OSError, size: int) -> RequestRefused:
     reason = f"spooling {size} bytes failed: {os.strerror(e.errno or 0)}"
-    code = Code.TEMPORARY_FAILURE if e.errno in _TEMPORARY else Code.INTERNAL
-    return Refused(code, reason)
+    code = SubmitCode.TEMPORARY_FAILURE if e.errno in _TEMPORARY else SubmitCode.INTERNAL
+    return RequestRefused(code, reason)
 
 
 # -- one connection ----------------------------------------------------------------
@@ -309,7 +315,7 @@ def serve_connection(
 
 def _serve_batch(stream: Stream, handler: Handler, spool: Spool, peer: Peer, limit: int) -> bool:
     """Read what is already waiting (up to ``limit``), commit once, answer in order."""
-    outcomes: list[Outcome] = []
+    outcomes: list[Handled] = []
     go_on = True
     bad: str | None = None
     try:
@@ -335,13 +341,13 @@ def _serve_batch(stream: Stream, handler: Handler, spool: Spool, peer: Peer, lim
             stream.send(submitwire.encode_response(outcome.response))
         if bad is not None:
             _report_bad(bad, peer)
-            stream.send(submitwire.encode_response(Response(Code.BAD_REQUEST, bad)))
+            stream.send(submitwire.encode_response(Response(SubmitCode.BAD_REQUEST, bad)))
     except OSError:
         return False  # the client left: what was committed stays spooled
     return go_on
 
 
-def _commit(spool: Spool, outcomes: list[Outcome]) -> None:
+def _commit(spool: Spool, outcomes: list[Handled]) -> None:
     if not any(o.added for o in outcomes):
         return
     crash_point("before-commit")
@@ -363,14 +369,14 @@ def _refuse_all(stream: Stream, peer: Peer, reason: str) -> None:
     try:
         while (received := read_request(stream)) is not None:
             received.close()
-            outcome = Outcome(received.request, Response(Code.INTERNAL, message))
+            outcome = Handled(received.request, Response(SubmitCode.INTERNAL, message))
             _report(outcome, peer)
             stream.send(submitwire.encode_response(outcome.response))
     except (BadRequest, Disconnected, OSError):
         return
 
 
-def _report(outcome: Outcome, peer: Peer) -> None:
+def _report(outcome: Handled, peer: Peer) -> None:
     request, response, added = outcome.request, outcome.response, outcome.added
     path = request.path.decode("utf-8", "backslashreplace")
     if added is not None:
@@ -404,7 +410,7 @@ def _report_bad(reason: str, peer: Peer) -> None:
         f"refused: {reason}",
         message_id=journal.SUBMIT_REFUSED,
         priority=4,
-        reason=Code.BAD_REQUEST.name,
+        reason=SubmitCode.BAD_REQUEST.name,
         uid=peer.uid,
         pid=peer.pid,
     )

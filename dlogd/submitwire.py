@@ -1,5 +1,7 @@
 """The local submit protocol's bytes, without I/O (spec: docs/submit-protocol.md).
 
+(The other protocol, between shipper and collector, is ``shipwire``.)
+
 Used by the client side (``client``) to build requests and read answers, and by
 the service (``submit``) to parse requests and build answers. Descriptor
 passing (SCM_RIGHTS) is the socket layer's job; this module sees only bytes.
@@ -22,7 +24,7 @@ MAX_PATH = 4096
 MAX_MESSAGE = 4096
 
 
-class Code(enum.IntEnum):
+class SubmitCode(enum.IntEnum):
     OK = 0
     BAD_REQUEST = 1
     UNKNOWN_KEYWORD = 2
@@ -39,15 +41,15 @@ class Code(enum.IntEnum):
 
 
 _ERRNO = {
-    Code.OK: 0,
-    Code.BAD_REQUEST: errno.EPROTO,
-    Code.UNKNOWN_KEYWORD: errno.ENOENT,
-    Code.PERMISSION_DENIED: errno.EACCES,
-    Code.NOT_REGULAR_FILE: errno.EINVAL,
-    Code.TOO_LARGE: errno.EFBIG,
-    Code.BAD_NAME: errno.EINVAL,
-    Code.TEMPORARY_FAILURE: errno.EAGAIN,
-    Code.INTERNAL: errno.EIO,
+    SubmitCode.OK: 0,
+    SubmitCode.BAD_REQUEST: errno.EPROTO,
+    SubmitCode.UNKNOWN_KEYWORD: errno.ENOENT,
+    SubmitCode.PERMISSION_DENIED: errno.EACCES,
+    SubmitCode.NOT_REGULAR_FILE: errno.EINVAL,
+    SubmitCode.TOO_LARGE: errno.EFBIG,
+    SubmitCode.BAD_NAME: errno.EINVAL,
+    SubmitCode.TEMPORARY_FAILURE: errno.EAGAIN,
+    SubmitCode.INTERNAL: errno.EIO,
 }
 
 
@@ -69,17 +71,17 @@ class Request:
 
 @dataclass(frozen=True)
 class Response:
-    code: Code
+    code: SubmitCode
     message: str
     size: int = 0
 
     def __post_init__(self) -> None:
-        if self.code is not Code.OK and self.size:
+        if self.code is not SubmitCode.OK and self.size:
             raise WireError("a refusal carries no size")
 
     @property
     def ok(self) -> bool:
-        return self.code is Code.OK
+        return self.code is SubmitCode.OK
 
 
 def encode_request_header(request: Request) -> bytes:
@@ -125,7 +127,7 @@ def encode_response(response: Response) -> bytes:
     )
 
 
-def parse_response_header(header: bytes) -> tuple[Code, int, int]:
+def parse_response_header(header: bytes) -> tuple[SubmitCode, int, int]:
     """(code, message length, size) from the 16-byte header."""
     if len(header) != RESPONSE_HEADER.size:
         raise WireError(f"response header of {len(header)} bytes, expected {RESPONSE_HEADER.size}")
@@ -135,11 +137,11 @@ def parse_response_header(header: bytes) -> tuple[Code, int, int]:
     if reserved != 0:
         raise WireError(f"reserved response byte is {reserved}, expected 0")
     try:
-        parsed = Code(code)
+        parsed = SubmitCode(code)
     except ValueError:
         raise WireError(f"unknown response code {code}") from None
     if mlen > MAX_MESSAGE:
         raise WireError(f"message length {mlen} over {MAX_MESSAGE}")
-    if parsed is not Code.OK and size:
+    if parsed is not SubmitCode.OK and size:
         raise WireError("a refusal carries no size")
     return parsed, mlen, size

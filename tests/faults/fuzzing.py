@@ -4,8 +4,8 @@ Place in the tests: test_live_fuzz.py drives three fuzzers with one
 :class:`Mutator` (seeded, so a finding is replayed by its seed):
 
 * :func:`fuzz_state_machine` feeds mutated recorded conversations to a fresh
-  :class:`dlogd.protocol.Connection` of either role, with the unit tests'
-  deterministic apps (tests/unit/test_protocol.py) answering as dlogd-ship
+  :class:`dlogd.shipwire.Connection` of either role, with the unit tests'
+  deterministic apps (tests/unit/test_shipwire.py) answering as dlogd-ship
   and dlogd-receive would, so streams reach deep states before they break.
   Only a ProtocolError may come out; the unparsed buffer stays bounded.
 * :func:`collector_session` makes a real mutual-TLS connection to a live
@@ -33,11 +33,11 @@ from OpenSSL import SSL
 
 from dlogd import submitwire
 from dlogd.names import MIN_FRAME
-from dlogd.protocol import MAX_BUFFERED, ConnState, ProtocolError, Role
+from dlogd.shipwire import MAX_BUFFERED, ConnState, ProtocolError, Role
 from dlogd.submitwire import Request
 from dlogd.tls import TLSError, TLSStream, TLSTimeout
 from tests.tlsfixtures import LOOPBACK
-from tests.unit.test_protocol import Disk, FileSpec, ReceiverApp, SenderApp, converse, replay
+from tests.unit.test_shipwire import Disk, FileSpec, ReceiverApp, SenderApp, converse, replay
 
 # Values that make length and size fields interesting.
 BOUNDARY_U32 = (0, 1, 0x7F, 0xFF, 0x100, 0xFFFF, 0x10000, MIN_FRAME, 1 << 20, (1 << 20) + 1,

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from dlogd.protocol import Role
+from dlogd.shipwire import Role
 from dlogd.spool import Spool
 from dlogd.tls import client_context
 from tests.faults.campaign import (

@@ -22,7 +22,7 @@ import pytest
 from dlogd import submitwire
 from dlogd.config import ClientConfig, ClientKeyword, Host, to_text
 from dlogd.spool import Spool
-from dlogd.submitwire import Code, Request
+from dlogd.submitwire import Request, SubmitCode
 
 pytestmark = pytest.mark.faults
 
@@ -131,6 +131,6 @@ def test_submit_after_a_crash_and_cleanup_works(tmp_path: Path) -> None:
     status, answer = run_instance(tmp_path, "audit", source, "")
     assert status == 0
     code, mlen, size = submitwire.parse_response_header(answer[:16])
-    assert (code, size) == (Code.OK, 5)
+    assert (code, size) == (SubmitCode.OK, 5)
     entry = answer[16 : 16 + mlen].decode()
     assert on_disk(tmp_path / "spool") == ({entry}, {entry: HOSTS})

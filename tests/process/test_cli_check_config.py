@@ -1,4 +1,4 @@
-"""``dlogctl check-config``: exit status, located messages, ``--dump`` JSON, the cache.
+"""``dlogctl check-config``: exit status, located messages, ``--dump`` JSON, the cache (process tier).
 
 The operator's front end to config loading (``cli`` -> ``config``). A few
 tests run the installed entry point as a real process; the rest call
@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 
 from dlogd import cli
+
+pytestmark = pytest.mark.process
 
 REPO = Path(__file__).resolve().parents[2]
 CLIENT_EXAMPLE = REPO / "examples" / "client.conf"

@@ -1,4 +1,4 @@
-"""libdlogd (clib/) and the Python client against the real submit service.
+"""Both client libraries, libdlogd (clib/) and the Python dlogd.client, against the real service.
 
 The library is built with its own Makefile once per session; the service runs
 the way systemd runs it: ``systemd-socket-activate --accept`` starts

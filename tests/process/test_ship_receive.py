@@ -4,7 +4,7 @@ The collector runs standalone (``--listen 127.0.0.1:0``, a thread per
 connection) or exactly as systemd runs it (``systemd-socket-activate
 --accept``: one process per connection on fd 3); the shipper is ``python -m
 dlogd.ship`` draining a spool filled by the real :class:`dlogd.spool.Spool`.
-Hostile senders are a small raw client built from dlogd.protocol and dlogd.tls,
+Hostile senders are a small raw client built from dlogd.shipwire and dlogd.tls,
 free to put on the wire what the shipper never would.
 """
 
@@ -20,7 +20,7 @@ import pytest
 
 from dlogd import pki
 from dlogd.config import TLSFiles
-from dlogd.protocol import (
+from dlogd.shipwire import (
     DATA_HEADER,
     HEADER,
     NEED_DATA,

@@ -31,7 +31,7 @@ import pytest
 from dlogd import config, submitwire
 from dlogd.config import ClientConfig, ClientKeyword, Host, Limits
 from dlogd.spool import Spool
-from dlogd.submitwire import Code, Request, Response
+from dlogd.submitwire import Request, Response, SubmitCode
 
 pytestmark = pytest.mark.process
 
@@ -111,7 +111,7 @@ class Service:
 
     def expect(self, response: Response, content: bytes | Path) -> str:
         """Record an accepted entry: its bytes, or a file whose inode it must be."""
-        assert response.code is Code.OK, response
+        assert response.code is SubmitCode.OK, response
         self.accepted[response.message] = content
         return response.message
 
@@ -327,7 +327,7 @@ def test_allowed_by_supplementary_group(service: Service, users: Users) -> None:
 def test_refused_uid(service: Service, users: Users) -> None:
     path = user_file(service.work, users.outsider, b"no.log", b"nope")
     answer = as_user(users.outsider, lambda: submit_path(service, "audit", path))
-    assert answer.code is Code.PERMISSION_DENIED
+    assert answer.code is SubmitCode.PERMISSION_DENIED
     service.wait_idle()
     log = service.journal()
     assert "reason=PERMISSION_DENIED" in log and f"uid={users.outsider.uid}" in log
@@ -336,13 +336,13 @@ def test_refused_uid(service: Service, users: Users) -> None:
 def test_group_member_not_listed_for_keyword(service: Service, users: Users) -> None:
     path = user_file(service.work, users.by_group, b"c.log", b"c")
     answer = as_user(users.by_group, lambda: submit_path(service, "copied", path))
-    assert answer.code is Code.PERMISSION_DENIED
+    assert answer.code is SubmitCode.PERMISSION_DENIED
 
 
 def test_unknown_keyword(service: Service, users: Users) -> None:
     path = user_file(service.work, users.by_uid, b"u.log", b"u")
     answer = as_user(users.by_uid, lambda: submit_path(service, "nosuch", path))
-    assert answer.code is Code.UNKNOWN_KEYWORD
+    assert answer.code is SubmitCode.UNKNOWN_KEYWORD
 
 
 def test_unreadable_file_is_never_sent(service: Service, users: Users) -> None:
@@ -361,7 +361,7 @@ def test_descriptor_without_read_access_is_refused(
     # O_PATH needs no read permission at all: linking from it would leak the file.
     path = user_file(service.work, User("root", 0, 0, ()), b"wo", b"secret", mode=0o622)
     answer = as_user(users.by_uid, lambda: submit_path(service, "audit", path, flags=flags))
-    assert answer.code is Code.PERMISSION_DENIED, what
+    assert answer.code is SubmitCode.PERMISSION_DENIED, what
 
 
 def test_fifo_directory_and_device_are_refused(service: Service, users: Users) -> None:
@@ -373,7 +373,7 @@ def test_fifo_directory_and_device_are_refused(service: Service, users: Users) -
         (b"/dev/zero", os.O_RDONLY),
     ):
         answer = as_user(users.by_uid, partial(submit_path, service, "audit", path, flags=flags))
-        assert answer.code is Code.NOT_REGULAR_FILE, path
+        assert answer.code is SubmitCode.NOT_REGULAR_FILE, path
 
 
 def test_other_file_system_is_copied(service: Service, users: Users) -> None:
@@ -411,7 +411,7 @@ def test_sparse_1g_linked_and_3g_too_large(service: Service, users: Users) -> No
     huge = user_file(service.work, users.by_uid, b"huge", b"")
     os.truncate(huge, 3 << 30)
     answer = as_user(users.by_uid, lambda: submit_path(service, "audit", huge))
-    assert answer.code is Code.TOO_LARGE
+    assert answer.code is SubmitCode.TOO_LARGE
 
 
 def test_hostile_names(service: Service, users: Users) -> None:
@@ -433,7 +433,7 @@ def test_name_without_basename_is_refused(service: Service, users: Users) -> Non
         answers = submit_fds(service, "audit", [(b"/some/dir/..", fd), (b"/", fd)])
     finally:
         os.close(fd)
-    assert [a.code for a in answers] == [Code.BAD_NAME, Code.BAD_NAME]
+    assert [a.code for a in answers] == [SubmitCode.BAD_NAME, SubmitCode.BAD_NAME]
 
 
 def test_4096_byte_path_accepted_4097_is_bad_request(service: Service, users: Users) -> None:
@@ -452,7 +452,7 @@ def test_4096_byte_path_accepted_4097_is_bad_request(service: Service, users: Us
             bad = read_response(sock)
     finally:
         os.close(fd)
-    assert bad is not None and bad.code is Code.BAD_REQUEST
+    assert bad is not None and bad.code is SubmitCode.BAD_REQUEST
 
 
 # -- broken streams ------------------------------------------------------------------
@@ -476,7 +476,7 @@ def test_garbage_bytes_get_bad_request(service: Service) -> None:
         answers = _raw_exchange(
             service, b"GARBAGE!" + os.urandom(64), [f.fileno()], close_write=False
         )
-    assert answers == [Code.BAD_REQUEST]
+    assert answers == [SubmitCode.BAD_REQUEST]
 
 
 def test_truncated_request_gets_no_answer(service: Service, users: Users) -> None:
@@ -497,10 +497,10 @@ def test_header_without_fd_and_with_two_fds(service: Service, users: Users) -> N
     whole = submitwire.encode_request_header(request) + submitwire.encode_request_body(request)
     fd = os.open(path, os.O_RDONLY)
     try:
-        assert _raw_exchange(service, whole, [], close_write=True) == [Code.BAD_REQUEST]
-        assert _raw_exchange(service, whole, [fd, fd], close_write=True) == [Code.BAD_REQUEST]
+        assert _raw_exchange(service, whole, [], close_write=True) == [SubmitCode.BAD_REQUEST]
+        assert _raw_exchange(service, whole, [fd, fd], close_write=True) == [SubmitCode.BAD_REQUEST]
         many = [fd] * 40  # more than the service makes room for: MSG_CTRUNC
-        assert _raw_exchange(service, whole, many, close_write=True) == [Code.BAD_REQUEST]
+        assert _raw_exchange(service, whole, many, close_write=True) == [SubmitCode.BAD_REQUEST]
     finally:
         os.close(fd)
 
@@ -519,7 +519,7 @@ def test_good_request_then_garbage_keeps_the_good_one(service: Service, users: U
         os.close(fd)
     assert first is not None and second is not None
     service.expect(first, Path(os.fsdecode(path)))
-    assert second.code is Code.BAD_REQUEST
+    assert second.code is SubmitCode.BAD_REQUEST
 
 
 def test_stalled_client_is_dropped_and_nothing_spooled(service: Service, users: Users) -> None:
@@ -564,7 +564,7 @@ def test_pipelined_batch_answers_in_order(service: Service, users: Users) -> Non
     for i, answer in enumerate(answers):
         assert answer.message.endswith(f".b{i}")
         service.expect(answer, f"{i}".encode())
-    assert refused[0].code is Code.UNKNOWN_KEYWORD
+    assert refused[0].code is SubmitCode.UNKNOWN_KEYWORD
 
 
 def test_fifty_concurrent_submitters(service: Service, users: Users) -> None:
@@ -581,7 +581,7 @@ def test_fifty_concurrent_submitters(service: Service, users: Users) -> None:
                 os.setgroups([])
                 os.setgid(users.by_uid.gid)
                 os.setuid(users.by_uid.uid)
-                code = 0 if submit_path(service, "audit", path).code is Code.OK else 2
+                code = 0 if submit_path(service, "audit", path).code is SubmitCode.OK else 2
             finally:
                 os._exit(code)
         pids.append(pid)
@@ -597,7 +597,7 @@ def test_bad_config_answers_internal(workdir: Path, users: Users) -> None:
     svc = start_service(workdir, 'keyword "audit" { uid "0"; }  # no host\n')
     try:
         answer = submit_path(svc, "audit", b"/etc/hostname")
-        assert answer.code is Code.INTERNAL
+        assert answer.code is SubmitCode.INTERNAL
         assert "misconfigured" in answer.message
         svc.wait_idle()
         assert not (workdir / "spool").exists()
@@ -649,7 +649,9 @@ def test_dlogctl_submit_reports_each_file_and_exits_by_the_worst(service: Servic
     assert run.returncode == 1, run.stderr
     (line,) = run.stdout.splitlines()
     assert line.startswith(f"{good}: spooled as audit/") and line.endswith("(5 bytes)")
-    service.expect(Response(Code.OK, line.split(" spooled as ")[1].split(" (")[0], 5), b"good\n")
+    service.expect(
+        Response(SubmitCode.OK, line.split(" spooled as ")[1].split(" (")[0], 5), b"good\n"
+    )
     assert "missing.log: [Errno 2]" in run.stderr
 
 

@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dlogd import names, schema
-from dlogd.protocol import Offer
+from dlogd.shipwire import Offer
 from dlogd.spool import Spool
 from dlogd.store import check_name
 from dlogd.submitwire import Request
@@ -69,7 +69,7 @@ def test_the_limits_the_config_allows_are_the_protocol_s() -> None:
     assert schema.frame_size(f"{names.MIN_FRAME}") == names.MIN_FRAME
     assert schema.frame_size(f"{names.MAX_FRAME}") == names.MAX_FRAME
     from dlogd.config import Limits
-    from dlogd.protocol import Hello
+    from dlogd.shipwire import Hello
 
     defaults = Limits()
     assert (defaults.window, defaults.frame_size) == (names.DEFAULT_WINDOW, names.DEFAULT_FRAME)

@@ -30,7 +30,7 @@ from dlogd.config import (
     ServerKeyword,
 )
 from dlogd.names import MIN_FRAME
-from dlogd.ship import Delivery, Outcome
+from dlogd.ship import CollectorResult, Delivery
 from dlogd.spool import Entry, SharedSpool, Spool
 from dlogd.store import PARTIAL_DIR, partial_name
 from dlogd.tls import TLSStream, check_collector, client_context
@@ -85,7 +85,7 @@ def world(tmp_path: Path, fleet: Fleet) -> World:
 
 @dataclass
 class Conversation:
-    outcome: Outcome
+    outcome: CollectorResult
     collector_status: int
     records: list[Record]
 

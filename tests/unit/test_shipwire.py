@@ -1,4 +1,4 @@
-"""Unit tests for dlogd.protocol: every message, every state, two real ends back to back.
+"""Unit tests for dlogd.shipwire: every message, every state, two real ends back to back.
 
 The helpers here (Pair, SenderApp, ReceiverApp, converse) are also what
 test_protocol_fuzz.py drives, so the fuzzer starts from conversations these
@@ -18,7 +18,7 @@ from typing import TypedDict, Unpack
 import pytest
 
 from dlogd.names import MAX_FRAME, MIN_FRAME
-from dlogd.protocol import (
+from dlogd.shipwire import (
     DATA_HEADER,
     HEADER,
     MAX_BUFFERED,

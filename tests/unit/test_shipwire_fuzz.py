@@ -1,4 +1,4 @@
-"""Hostile bytes into dlogd.protocol: nothing but ProtocolError escapes, memory stays bounded.
+"""Hostile bytes into dlogd.shipwire: nothing but ProtocolError escapes, memory stays bounded.
 
 Three sources, fed to both roles in random pieces: pure noise; a recorded
 valid conversation with bytes flipped, inserted, deleted or cut; and a valid
@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from dlogd.names import MIN_FRAME
-from dlogd.protocol import (
+from dlogd.shipwire import (
     Accept,
     AlreadyStored,
     Code,
@@ -35,7 +35,7 @@ from dlogd.protocol import (
     Stored,
     encode,
 )
-from tests.unit.test_protocol import (
+from tests.unit.test_shipwire import (
     SAMPLES,
     Disk,
     FileSpec,

@@ -4,7 +4,7 @@ handling of them (dlogd/client.py) against peers that break the rules.
 The wire cases run without sockets. The client cases use a real Unix socket
 with a scripted peer in a thread: the real service never sends garbage, so
 this is the only place the client's defences against it can be exercised.
-The client against the real service is tests/process/test_clib.py.
+The client against the real service is tests/process/test_clients.py.
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ from dlogd.submitwire import (
     REQUEST_MAGIC,
     RESPONSE_HEADER,
     RESPONSE_MAGIC,
-    Code,
     Request,
     Response,
+    SubmitCode,
     WireError,
     encode_request_body,
     encode_request_header,
@@ -60,9 +60,9 @@ def test_request_round_trip(keyword: str, path: bytes) -> None:
     assert plen == len(path)
 
 
-@given(st.sampled_from(Code), st.text(max_size=MAX_MESSAGE // 4), st.integers(0, 2**64 - 1))
-def test_response_round_trip(code: Code, message: str, size: int) -> None:
-    size = size if code is Code.OK else 0  # a refusal carries no size
+@given(st.sampled_from(SubmitCode), st.text(max_size=MAX_MESSAGE // 4), st.integers(0, 2**64 - 1))
+def test_response_round_trip(code: SubmitCode, message: str, size: int) -> None:
+    size = size if code is SubmitCode.OK else 0  # a refusal carries no size
     wire = encode_response(Response(code, message, size))
     parsed_code, mlen, parsed_size = parse_response_header(wire[: RESPONSE_HEADER.size])
     body = wire[RESPONSE_HEADER.size :]
@@ -77,7 +77,7 @@ def test_request_layout_matches_the_spec() -> None:
 
 
 def test_response_layout_matches_the_spec() -> None:
-    wire = encode_response(Response(Code.OK, "audit/1.x.log", 300))
+    wire = encode_response(Response(SubmitCode.OK, "audit/1.x.log", 300))
     assert wire == b"DLR1\x00\x00\x00\x0d" + (300).to_bytes(8, "big") + b"audit/1.x.log"
 
 
@@ -85,21 +85,21 @@ def test_overlong_message_is_cut_at_a_character_boundary() -> None:
     # A 3-byte character straddles the limit: the cut drops it whole, so the
     # message stays valid UTF-8 as the spec promises.
     message = "xx" + "€" * MAX_MESSAGE
-    wire = encode_response(Response(Code.INTERNAL, message))
+    wire = encode_response(Response(SubmitCode.INTERNAL, message))
     _code, mlen, _size = parse_response_header(wire[: RESPONSE_HEADER.size])
     assert mlen == len(wire) - RESPONSE_HEADER.size == MAX_MESSAGE - 2
     assert message.startswith(wire[RESPONSE_HEADER.size :].decode("utf-8"))
 
 
 def test_refusal_with_a_size_is_malformed() -> None:
-    header = bytearray(encode_response(Response(Code.INTERNAL, ""))[: RESPONSE_HEADER.size])
+    header = bytearray(encode_response(Response(SubmitCode.INTERNAL, ""))[: RESPONSE_HEADER.size])
     header[8:16] = (5).to_bytes(8, "big")
     with pytest.raises(WireError, match="no size"):
         parse_response_header(bytes(header))
 
 
 def test_nonzero_reserved_byte_is_malformed() -> None:
-    header = bytearray(encode_response(Response(Code.OK, "", 1))[: RESPONSE_HEADER.size])
+    header = bytearray(encode_response(Response(SubmitCode.OK, "", 1))[: RESPONSE_HEADER.size])
     header[5] = 1
     with pytest.raises(WireError, match="reserved"):
         parse_response_header(bytes(header))
@@ -120,7 +120,7 @@ def test_spec_table_matches_codes_and_errnos() -> None:
     table = {
         int(value): (name, None if e == "\u2013" else getattr(errno, e)) for value, name, e in rows
     }
-    code_table = {c.value: (c.name, c.errno or None) for c in Code}
+    code_table = {c.value: (c.name, c.errno or None) for c in SubmitCode}
     assert table == code_table
 
 
@@ -300,7 +300,7 @@ def test_request_carries_exactly_one_descriptor_of_the_file(
     def reply(request: Request, fds: list[int]) -> bytes:
         ids = [(os.fstat(fd).st_dev, os.fstat(fd).st_ino) for fd in fds]
         seen.append((request, ids, os.pread(fds[0], 100, 0)))
-        return encode_response(Response(Code.OK, "audit/entry", 7))
+        return encode_response(Response(SubmitCode.OK, "audit/entry", 7))
 
     p = peer(_answer_each(reply, 1))
     result = client.submit(files[0], "audit", socket_path=p.path)
@@ -315,18 +315,21 @@ def test_request_carries_exactly_one_descriptor_of_the_file(
 @pytest.mark.parametrize(
     ("code", "cls"),
     [
-        (Code.BAD_REQUEST, client.BadRequest),
-        (Code.UNKNOWN_KEYWORD, client.UnknownKeyword),
-        (Code.PERMISSION_DENIED, client.PermissionDenied),
-        (Code.NOT_REGULAR_FILE, client.NotRegularFile),
-        (Code.TOO_LARGE, client.TooLarge),
-        (Code.BAD_NAME, client.BadName),
-        (Code.TEMPORARY_FAILURE, client.TemporaryFailure),
-        (Code.INTERNAL, client.ServiceError),
+        (SubmitCode.BAD_REQUEST, client.BadRequest),
+        (SubmitCode.UNKNOWN_KEYWORD, client.UnknownKeyword),
+        (SubmitCode.PERMISSION_DENIED, client.PermissionDenied),
+        (SubmitCode.NOT_REGULAR_FILE, client.NotRegularFile),
+        (SubmitCode.TOO_LARGE, client.TooLarge),
+        (SubmitCode.BAD_NAME, client.BadName),
+        (SubmitCode.TEMPORARY_FAILURE, client.TemporaryFailure),
+        (SubmitCode.INTERNAL, client.ServiceError),
     ],
 )
 def test_each_refusal_raises_its_own_class(
-    peer: Callable[[Script], Peer], files: list[Path], code: Code, cls: type[client.SubmitError]
+    peer: Callable[[Script], Peer],
+    files: list[Path],
+    code: SubmitCode,
+    cls: type[client.SubmitError],
 ) -> None:
     p = peer(_answer_each(lambda _r, _f: encode_response(Response(code, "because")), 1))
     with pytest.raises(cls) as caught:
@@ -372,7 +375,7 @@ def test_malformed_answer_is_a_protocol_error(
 def test_invalid_utf8_message_is_replaced_not_fatal(
     peer: Callable[[Script], Peer], files: list[Path]
 ) -> None:
-    p = peer(_send_raw(_response_header(code=Code.INTERNAL, mlen=3) + b"a\xffb"))
+    p = peer(_send_raw(_response_header(code=SubmitCode.INTERNAL, mlen=3) + b"a\xffb"))
     with pytest.raises(client.ServiceError, match="a\ufffdb"):
         client.submit(files[0], "audit", socket_path=p.path)
 
@@ -408,7 +411,7 @@ def test_descriptor_smuggled_into_answer_is_not_kept(
 ) -> None:
     def script(conn: socket.socket) -> None:
         _request, fds = _read_request(conn)
-        answer = encode_response(Response(Code.OK, "audit/x", 1))
+        answer = encode_response(Response(SubmitCode.OK, "audit/x", 1))
         socket.send_fds(conn, [answer], fds)
         for fd in fds:
             os.close(fd)
@@ -425,7 +428,9 @@ def test_batch_survives_a_peer_that_quits_after_one_answer(
 ) -> None:
     # As the service does after BAD_REQUEST: answer, then close.
     before = _open_fds()
-    p = peer(_answer_each(lambda _r, _f: encode_response(Response(Code.BAD_REQUEST, "bad")), 1))
+    p = peer(
+        _answer_each(lambda _r, _f: encode_response(Response(SubmitCode.BAD_REQUEST, "bad")), 1)
+    )
     results = client.submit_many(files, "audit", socket_path=p.path)
     assert isinstance(results[0], client.BadRequest)
     assert len(results) == 3
@@ -439,7 +444,9 @@ def test_batch_survives_a_peer_that_quits_after_one_answer(
 def test_batch_reports_unopenable_files_in_place(
     peer: Callable[[Script], Peer], files: list[Path], tmp_path: Path
 ) -> None:
-    p = peer(_answer_each(lambda r, _f: encode_response(Response(Code.OK, r.path.decode())), 2))
+    p = peer(
+        _answer_each(lambda r, _f: encode_response(Response(SubmitCode.OK, r.path.decode())), 2)
+    )
     missing = tmp_path / "missing.log"
     results = client.submit_many(
         [files[0], missing, b"nul\0name", files[1]], "audit", socket_path=p.path
@@ -458,7 +465,7 @@ def test_batch_pipelines_beyond_the_window(peer: Callable[[Script], Peer], tmp_p
         name.write_bytes(name.name.encode())
 
     def reply(request: Request, fds: list[int]) -> bytes:
-        return encode_response(Response(Code.OK, os.pread(fds[0], 64, 0).decode(), len(fds)))
+        return encode_response(Response(SubmitCode.OK, os.pread(fds[0], 64, 0).decode(), len(fds)))
 
     p = peer(_answer_each(reply, count))
     results = client.submit_many(names, "audit", socket_path=p.path)
@@ -497,11 +504,11 @@ def test_unsendable_keyword_is_refused_before_anything(tmp_path: Path) -> None:
 def test_submit_error_survives_pickling() -> None:
     import pickle
 
-    error = client.TooLarge(Code.TOO_LARGE, "over 1 GiB", "/x")
+    error = client.TooLarge(SubmitCode.TOO_LARGE, "over 1 GiB", "/x")
     copy = pickle.loads(pickle.dumps(error))
     assert (type(copy), copy.code, copy.errno, copy.strerror, copy.filename) == (
         client.TooLarge,
-        Code.TOO_LARGE,
+        SubmitCode.TOO_LARGE,
         errno.EFBIG,
         "over 1 GiB",
         "/x",
