@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -28,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from labhosts import Lab, LabError, LabHost, in_lab, wait_until
+from labhosts import REPO, Lab, LabError, LabHost, in_lab, wait_until
 
 KEYWORD = "audit"
 COLLECTOR = "logs1"
@@ -109,6 +110,7 @@ class Fleet:
     alice_uid: int
     inventory_dir: Path
     first_run: PlaybookRun
+    source: Path  # the snapshot of the checkout that the rollouts install
 
     @property
     def collector(self) -> LabHost:
@@ -124,7 +126,10 @@ class Fleet:
 
     def description(self) -> dict[str, Any]:
         """The lab's fleet description (group_vars/all), as the fixture wrote it."""
-        return lab_fleet_vars(self.alice_uid, fast_timer=True)
+        return {
+            **lab_fleet_vars(self.alice_uid, fast_timer=True),
+            **install_vars(self.checkout, self.source),
+        }
 
     def rollout(
         self,
@@ -231,12 +236,39 @@ def run_playbook(lab: Lab, checkout: Path, inventory_dir: Path, *args: str) -> P
     return PlaybookRun(argv, done.returncode, done.stdout + done.stderr, time.monotonic() - started)
 
 
+def snapshot(checkout: Path, directory: Path) -> Path:
+    """Copy what the install role takes from a checkout into ``directory``.
+
+    The session rolls out this one version: edits made to the checkout
+    meanwhile (by whoever works in it) cannot make a no-change run change.
+    """
+    keep = ("pyproject.toml", "README.md", "dlogd", "systemd", "clib", "docs/systemd.md")
+    skip = shutil.ignore_patterns("__pycache__", "build", "*.o", "*.so")
+    for item in keep:
+        source, target = checkout / item, directory / item
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if source.is_dir():
+            shutil.copytree(source, target, ignore=skip)
+        else:
+            shutil.copy2(source, target)
+    return directory
+
+
+def install_vars(checkout: Path, source: Path) -> dict[str, str]:
+    """Install from the session's snapshot; the wheelhouse stays in the checkout's build/."""
+    return {
+        "dlogd_install_source": str(source),
+        "dlogd_install_wheelhouse": str(checkout / "build" / "ansible-wheelhouse"),
+    }
+
+
 def install_fleet(
     lab: Lab, checkout: Path, inventory_dir: Path, *, fast_timer: bool = False
 ) -> Fleet:
     """Roll dlogd out to every lab host with site.yml; returns the :class:`Fleet`."""
     build_clib(checkout)
-    build_wheelhouse(checkout)
+    source = snapshot(checkout, inventory_dir / "source")
+    build_wheelhouse(source, checkout / "build" / "ansible-wheelhouse")
     uids = set()
     for name in CLIENTS:
         client = lab[name]
@@ -245,12 +277,16 @@ def install_fleet(
     if len(uids) != 1:
         raise LabError(f"alice has different uids on the clients: {sorted(uids)}")
     alice_uid = uids.pop()
-    write_inventory(inventory_dir, lab, lab_fleet_vars(alice_uid, fast_timer=fast_timer))
+    fleet_vars = {
+        **lab_fleet_vars(alice_uid, fast_timer=fast_timer),
+        **install_vars(checkout, source),
+    }
+    write_inventory(inventory_dir, lab, fleet_vars)
     first = run_playbook(lab, checkout, inventory_dir).check()
-    return Fleet(lab, checkout, alice_uid, inventory_dir, first)
+    return Fleet(lab, checkout, alice_uid, inventory_dir, first, source)
 
 
-def build_wheelhouse(checkout: Path) -> None:
+def build_wheelhouse(source: Path, wheelhouse: Path) -> None:
     """Fill the playbook's wheelhouse from this machine's network first.
 
     The playbook runs in the control node's lab namespace, which reaches the
@@ -258,9 +294,8 @@ def build_wheelhouse(checkout: Path) -> None:
     dependency in the wheelhouse and works offline, as on a fleet without
     internet. Same script, same wheelhouse (dlogd_install_wheelhouse's default).
     """
-    script = checkout / "ansible/roles/dlogd_install/files/build-payload.sh"
-    wheelhouse = checkout / "build" / "ansible-wheelhouse"
-    done = subprocess.run(["sh", str(script), str(checkout), str(wheelhouse), sys.executable],
+    script = REPO / "ansible/roles/dlogd_install/files/build-payload.sh"
+    done = subprocess.run(["sh", str(script), str(source), str(wheelhouse), sys.executable],
                           capture_output=True, text=True, check=False)  # fmt: skip
     if done.returncode != 0:
         raise LabError(f"{script} failed:\n{done.stderr[-3000:]}")

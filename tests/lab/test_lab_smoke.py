@@ -1,9 +1,11 @@
-"""Lab smoke test: the harness boots hosts, install.sh works, the units start.
+"""Lab smoke test: the harness boots hosts, the install works, the units start.
 
-Place in the flow: the first lab-tier test; scenario tests build on the same
-session-wide lab. It checks the infrastructure, not dlogd's own services: the
-services' sandboxes are exercised by small probe programs swapped in with
-drop-ins, so this passes or fails on the units and the install script alone.
+Place in the flow: the last lab-tier module (its probes replace the
+services); it runs on the fleet site.yml rolled out (the session's ``fleet``)
+and on ``scripts/install.sh``, the by-hand wrapper over the same install
+role. It checks the infrastructure, not dlogd's own services: the services'
+sandboxes are exercised by small probe programs swapped in with drop-ins, so
+this passes or fails on the units and the install alone.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from labfleet import Fleet
 from labhosts import Lab, LabHost, in_lab, wait_until
 
 PROBE_DIR = "/usr/local/lib/dlogd-probe"
@@ -61,12 +64,14 @@ with open("/var/log/remote/probe/ok", "wb") as out:
 """
 
 
+# The venv the install made on every host (dlogd_install_prefix).
+HOST_PYTHON = Path("/opt/dlogd/venv/bin/python")
+
+
 @pytest.fixture(scope="module")
-def installed(lab: Lab, lab_checkout: Path, lab_venv: Path) -> Lab:
-    """web1 as a client, logs1 as a collector."""
-    lab["web1"].install_dlogd("client", lab_checkout, lab_venv)
-    lab["logs1"].install_dlogd("server", lab_checkout, lab_venv)
-    return lab
+def installed(fleet: Fleet) -> Lab:
+    """web1 as a client, logs1 as a collector, as site.yml installed them."""
+    return fleet.lab
 
 
 def unit_names(host: LabHost, unit_glob: str) -> set[str]:
@@ -78,7 +83,7 @@ def unit_names(host: LabHost, unit_glob: str) -> set[str]:
 
 
 def tree_digest(host: LabHost) -> str:
-    """Names, modes, owners, link targets and contents of what install.sh writes."""
+    """Names, modes, owners, link targets and contents of what the install writes."""
     where = "/etc/systemd/system /usr/local/bin /etc/sysusers.d /etc/tmpfiles.d /etc/dlogd"
     listing = host.run(
         f"find {where} -path '*dlog*' -printf '%p %m %u %g %l\\n' | sort && "
@@ -130,7 +135,7 @@ def test_installed_units_pass_systemd_analyze_verify(installed: Lab, name: str) 
     # Unit files only: verify loads an alias (dlogd.socket) through its target.
     units = host.run("find /etc/systemd/system -maxdepth 1 -type f -name 'dlogd*'")
     paths = sorted(units.stdout.split())
-    assert paths, "install.sh installed no units"
+    assert paths, "the install installed no units"
     done = host.run(["systemd-analyze", "verify", "--man=no", *paths], check=False)
     assert done.returncode == 0, done.stderr
     assert "dlogd" not in done.stderr, done.stderr
@@ -211,16 +216,14 @@ def remove_probes(host: LabHost) -> None:
 @pytest.fixture
 def probes(installed: Lab, lab_checkout: Path, lab_venv: Path) -> Iterator[Lab]:
     """web1 (copy mode), web2 (hard-link mode), logs1 with probes as services."""
-    python = in_lab(lab_venv / "bin" / "python")
-    # Hard-link mode runs the interpreter without a private view of /root; a
-    # pyenv interpreter under /root (as on the dev machines) must be reachable
-    # by "dlogd". Only in the container's overlay, not on this machine.
+    python = HOST_PYTHON
     web2 = installed["web2"]
-    web2.run(["chmod", "o+x", "/root"])
     # Linking through /proc/self/fd fails (EXDEV) on overlayfs, whose files
     # live on its hidden upper mount: give web2 a real filesystem for both the
     # app's file and the spool, as /var/spool on one disk would be.
     web2.run(["mount", "-t", "tmpfs", "-o", "mode=0755", "tmpfs", "/var/spool"])
+    # The new file system needs the spool that tmpfiles makes at boot.
+    web2.run(["systemd-tmpfiles", "--create", "/etc/tmpfiles.d/dlogd.conf"])
     web2.install_dlogd("client", lab_checkout, lab_venv, hardlink=True)
     web2.write_file(
         "/run/systemd/system/dlogd-submit@.service.d/zz-theirs.conf",
