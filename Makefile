@@ -28,6 +28,9 @@ lint: setup
 	$(VENV)/bin/ruff format --check dlogd tests
 	cd ansible && PATH="$(CURDIR)/$(VENV)/bin:$$PATH" ansible-lint -q --profile production
 	cd ansible && PATH="$(CURDIR)/$(VENV)/bin:$$PATH" ansible-playbook --syntax-check site.yml install.yml
+	$(VENV)/bin/ruff check ansible/filter_plugins scripts
+	$(VENV)/bin/ruff format --check ansible/filter_plugins scripts
+	MYPYPATH=tests/lab $(VENV)/bin/mypy --strict --explicit-package-bases $(wildcard tests/lab/*.py) scripts/lab-demo.py ansible/filter_plugins/dlogd_fleet.py
 	$(VENV)/bin/mypy --strict dlogd tests
 
 # Unit and process tiers: seconds to a minute.

@@ -46,7 +46,7 @@ def expand(names: Iterable[str], groups: Groups) -> list[str]:
     """Host names for a list of host and group names, in first-seen order."""
     hosts: list[str] = []
     for name in names:
-        for host in groups[name] if name in groups else [name]:
+        for host in groups.get(name, [name]):
             if host not in hosts:
                 hosts.append(host)
     return hosts
