@@ -254,13 +254,7 @@ class Spool:
         new = f"{_NEW_PREFIX}{os.getpid()}-{time.monotonic_ns()}"
         os.mkdir(new, 0o700, dir_fd=kdir.owed)
         try:
-            fd = os.open(new, DIR_FLAGS, dir_fd=kdir.owed)
-            try:
-                for host in dict.fromkeys(hosts):
-                    _create_empty(host, fd)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            _fill_markers(kdir.owed, new, hosts)
             name = self._rename_to_free_name(kdir, new, basename, now)
         except BaseException:
             _remove_tree(kdir.owed, new)
@@ -420,13 +414,7 @@ class Spool:
             return frozenset()
         _warn("entry had no owed markers, owed to every configured host", keyword, name)
         os.mkdir(name, 0o700, dir_fd=kdir.owed)
-        fd = os.open(name, DIR_FLAGS, dir_fd=kdir.owed)
-        try:
-            for host in dict.fromkeys(fallback):
-                _create_empty(host, fd)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _fill_markers(kdir.owed, name, fallback)
         os.fsync(kdir.owed)
         return frozenset(fallback)
 
@@ -656,6 +644,17 @@ def _fsync_source(fd: int) -> None:
     except OSError as e:
         if e.errno not in (errno.EINVAL, errno.EROFS):
             raise
+
+
+def _fill_markers(owed_fd: int, name: str, hosts: Sequence[str]) -> None:
+    """One empty marker per host in the marker directory ``name``, made durable."""
+    fd = os.open(name, DIR_FLAGS, dir_fd=owed_fd)
+    try:
+        for host in dict.fromkeys(hosts):
+            _create_empty(host, fd)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _create_empty(name: str, dir_fd: int) -> None:
