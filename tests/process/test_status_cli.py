@@ -1,0 +1,110 @@
+"""`dlogctl status` as a process, on a spool and a store the real shipper and collector made."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.shipharness import (
+    EX_TEMPFAIL,
+    REPO,
+    Site,
+    Target,
+    env,
+    free_port,
+    make_file,
+    pki_set,
+    site,
+)
+from tests.tlsfixtures import COLLECTOR, SENDER
+
+pytestmark = pytest.mark.process
+
+__all__ = ["pki_set", "site"]  # fixtures, re-exported for pytest
+
+
+def dlogctl(site: Site, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "dlogd.cli", "status", *args],
+        capture_output=True,
+        text=True,
+        env=env(site.cache),
+        cwd=REPO,
+        timeout=60,
+    )
+
+
+def figures(site: Site, *args: str) -> dict[str, Any]:
+    done = dlogctl(site, "--json", *args)
+    assert done.returncode == 0, done.stderr
+    data: dict[str, Any] = json.loads(done.stdout)
+    return data
+
+
+def test_collector_down_then_delivered(site: Site) -> None:
+    port = free_port()
+    config = site.client_config([Target(COLLECTOR, port)], retry=(300, 600))
+    site.add(make_file(site.root / "a.log", b"a" * 1000), make_file(site.root / "b.log", b"b" * 10))
+    assert site.ship().returncode == EX_TEMPFAIL  # nobody listens on the port
+
+    down = figures(site, "--client", str(config))
+    [pending] = down["pending"]
+    assert (pending["host"], pending["files"], pending["bytes"]) == (COLLECTOR, 2, 1010)
+    [collector] = down["collectors"]
+    assert collector["failures"] == 1 and collector["next_retry"] is not None
+    assert collector["last_error"]
+    table = dlogctl(site, "--client", str(config))
+    assert table.returncode == 0 and COLLECTOR in table.stdout
+    check = dlogctl(site, "--client", str(config), "--warn-age", "1h", "--crit-age", "2h")
+    assert check.returncode == 0 and check.stdout.startswith("DLOGD OK"), check.stdout
+    check = dlogctl(site, "--client", str(config), "--warn-age", "1ms")
+    assert check.returncode == 1 and check.stdout.startswith("DLOGD WARNING"), check.stdout
+
+    site.start(port=port)
+    site.clear_retry()
+    assert site.ship().returncode == 0
+    up = figures(site, "--client", str(config))
+    assert up["pending"] == []
+    prom = site.root / "dlogd.prom"
+    assert dlogctl(site, "--client", str(config), "--prometheus", str(prom)).returncode == 0
+    names = {f.name for f in text_string_to_metric_families(prom.read_text())}
+    assert "dlogd_spool_pending_files" in names
+
+
+def test_permanent_refusal_is_held_with_its_reason(site: Site) -> None:
+    collector = site.start(max_file_size="1K")
+    config = site.client_config([Target(COLLECTOR, collector.port)])
+    site.add(make_file(site.root / "big.log", b"x" * 5000))
+    site.ship()
+    data = figures(site, "--client", str(config))
+    [held] = data["held"]
+    assert held["host"] == COLLECTOR and "TOO_LARGE" in held["reason"]
+    check = dlogctl(site, "--client", str(config), "--warn-age", "1h")
+    assert check.returncode == 1 and "1 held" in check.stdout
+
+
+def test_collector_side_figures(site: Site) -> None:
+    collector = site.start()
+    site.client_config([Target(COLLECTOR, collector.port)])
+    site.add(make_file(site.root / "c.log", b"c" * 300))
+    assert site.ship().returncode == 0
+    server = site.root / f"server-{COLLECTOR}.conf"
+    data = figures(site, "--server", str(server))
+    [store] = data["stores"]
+    assert (store["host"], store["files"], store["bytes"]) == (SENDER, 1, 300)
+    assert store["free_bytes"] > 0 and store["partials"] == 0
+    check = dlogctl(site, "--server", str(server), "--warn-age", "1h")
+    assert check.returncode == 0, check.stdout
+
+
+def test_unreadable_config_is_unknown(site: Site, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.conf"
+    bad.write_text("keyword {\n")
+    done = dlogctl(site, "--client", str(bad), "--warn-age", "1h")
+    assert done.returncode == 3 and done.stdout.startswith("DLOGD UNKNOWN"), done.stdout
