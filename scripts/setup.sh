@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 # vagrant/Vagrantfile (no provider is needed for that).
 PACKAGES="libsystemd-dev pkg-config systemd systemd-container iproute2 gcc make \
 python3-venv python3-cryptography rsync socat openssh-client openssh-server acl \
-util-linux vagrant"
+util-linux vagrant pandoc groff-base man-db"
 
 missing=""
 for p in $PACKAGES; do
