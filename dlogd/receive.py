@@ -21,10 +21,10 @@ import argparse
 import socket
 import sys
 import threading
+from collections import deque
 from dataclasses import dataclass
 
-from dlogd import journal
-from dlogd.activation import inherited_connection, listen_fds
+from dlogd import activation, journal
 from dlogd.config import DEFAULT_SERVER_CONFIG, ServerConfig, load_logged, load_server
 from dlogd.driver import Driver
 from dlogd.shipwire import (
@@ -98,6 +98,7 @@ class Session:
         self.batch: dict[Upload, Offer] = {}  # finished, not yet durable
         self.batch_bytes = 0
         self.stored = 0
+        self.deferred: deque[Offer] = deque()  # offers not answered yet, in order
 
     def run(self) -> None:
         try:
@@ -124,15 +125,36 @@ class Session:
                 self.link.flush()
                 raise HelloRefused(f"{reply.code.name}: {reply.message}")
         elif isinstance(event, Offer):
-            self.link.send(self._answer(event))
+            self.deferred.append(event)
+            self._answer_deferred()
         elif isinstance(event, Data):
             self._write(event)
         elif isinstance(event, EndOfData):
             self._end_of_data(event.file_id)
+            self._answer_deferred()  # a copy that failed here no longer holds its twin
         elif isinstance(event, Ping):
             self.link.send(Pong(event.nonce))
 
     # --- offers ---
+
+    def _answer_deferred(self) -> None:
+        """Answer waiting offers in order, up to one whose file is in flight here.
+
+        A file offered again while this connection still carries it (same
+        keyword, name, size and SHA-256) waits for that copy: answered once
+        it is stored (ALREADY_STORED) or failed (then offered anew), never
+        refused because its own first copy holds the partial. Answers go in
+        offer order, so the offers behind it wait too; the first copy's data
+        is due regardless, so the wait always ends.
+        """
+        while self.deferred and not self._in_flight(self.deferred[0]):
+            self.link.send(self._answer(self.deferred.popleft()))
+
+    def _in_flight(self, offer: Offer) -> bool:
+        key = _file_key(offer)
+        return any(_file_key(i.offer) == key for i in self.incoming.values()) or any(
+            _file_key(o) == key for o in self.batch.values()
+        )
 
     def _answer(self, offer: Offer) -> Accept | AlreadyStored | Refuse:
         keyword = self.config.keywords.get(offer.keyword)
@@ -226,12 +248,16 @@ class Session:
                         self._fail(offer, _store_code(exc), str(exc))
                 continue
             for upload in done:
-                self.stored += 1
                 offer = batch[upload]
+                if upload.failure is not None:
+                    self._fail(offer, _store_code(upload.failure), str(upload.failure))
+                    continue
+                self.stored += 1
                 self._record(
                     journal.RECEIVE_STORED, "stored", offer, stored_as=upload.stored_as or ""
                 )
                 self.link.send(Stored(offer.file_id))
+        self._answer_deferred()
 
     # --- endings ---
 
@@ -268,6 +294,10 @@ class Session:
             sha256=offer.sha256.hex(),
             **fields,
         )
+
+
+def _file_key(offer: Offer) -> tuple[str, str, int, bytes]:
+    return (offer.keyword, offer.name, offer.size, offer.sha256)
 
 
 def _store_code(exc: StoreError) -> Code:
@@ -399,19 +429,20 @@ def main(argv: list[str] | None = None) -> int:
     config, _ = load_logged(load_server, args.config)
     if config is None:
         return 1
-    count = listen_fds()
-    if count > 1:
-        print(f"dlogd-receive: expected 1 socket from systemd, got {count}", file=sys.stderr)
-        return 2
-    if count == 1:
-        with inherited_connection("dlogd-receive", (socket.AF_INET, socket.AF_INET6)) as sock:
-            return serve(sock, config)
-    if args.listen:
+    loaded = config  # for the closures: mypy does not carry the narrowing into them
+
+    def standalone() -> int:
         address, _, port = args.listen.rpartition(":")
-        serve_standalone(address.strip("[]") or "127.0.0.1", int(port), config)
+        serve_standalone(address.strip("[]") or "127.0.0.1", int(port), loaded)
         return 0
-    print("dlogd-receive: no socket from systemd and no --listen ADDRESS:PORT", file=sys.stderr)
-    return 2
+
+    return activation.run(
+        "dlogd-receive",
+        (socket.AF_INET, socket.AF_INET6),
+        lambda sock: serve(sock, loaded),
+        standalone if args.listen else None,
+        "--listen ADDRESS:PORT",
+    )
 
 
 if __name__ == "__main__":

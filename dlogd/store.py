@@ -164,6 +164,7 @@ class Upload:
         self.received = offset  # the resume point the sender is told
         self.flushed = offset  # writeback started up to here
         self.stored_as: str | None = None
+        self.failure: StoreError | None = None  # set by a commit that could not link it
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if self.received + len(data) > self.size:
@@ -309,24 +310,43 @@ class Store:
         self.pending.append(upload)
 
     def commit(self) -> list[Upload]:
-        """Make every queued upload durable and visible; returns them, each with ``stored_as``."""
+        """Make every queued upload durable and visible; returns them, each with
+        ``stored_as`` or, for one that could not be linked, ``failure``.
+
+        Raises :class:`StoreError` only when nothing in the batch is durable
+        (the data flush or the directory fsync failed).
+        """
         if not self.pending:
             return []
         batch, self.pending = self.pending, []
         try:
-            _flush([u.fd for u in batch])
+            try:
+                _flush([u.fd for u in batch])
+            except OSError as exc:
+                raise self._error(exc) from None
             for upload in batch:
-                upload.stored_as = self._link_into_place(upload)
-            os.fsync(self.dir_fd)
-        except OSError as exc:
+                # One file that cannot be linked fails alone: the others landed,
+                # and their directory entries still get the fsync below.
+                try:
+                    upload.stored_as = self._link_into_place(upload)
+                except StoreError as exc:
+                    upload.failure = exc
+                except OSError as exc:
+                    upload.failure = StoreError(
+                        f"{upload.name}: {exc.strerror}", temporary=_temporary(exc)
+                    )
+            if any(u.stored_as is not None for u in batch):
+                try:
+                    os.fsync(self.dir_fd)
+                except OSError as exc:
+                    raise self._error(exc) from None
+        finally:
             for upload in batch:
                 upload.close()
-            raise StoreError(
-                f"{self.directory}: {exc.strerror}", temporary=_temporary(exc)
-            ) from None
-        for upload in batch:
-            upload.close()
         return batch
+
+    def _error(self, exc: OSError) -> StoreError:
+        return StoreError(f"{self.directory}: {exc.strerror}", temporary=_temporary(exc))
 
     def _link_into_place(self, upload: Upload) -> str:
         """Move under the offered name, or the first free conflict name; never replace."""

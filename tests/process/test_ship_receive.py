@@ -736,3 +736,29 @@ def test_hashing_a_window_of_big_files_keeps_the_collector_listening(site: Site)
     run = site.ship()
     assert run.returncode == 0, run.stderr
     assert visible_files(site.store_dir()) == sorted(entries)
+
+
+def test_a_file_offered_twice_in_one_window_is_stored_then_already_stored(
+    hostile: tuple[Site, Collector],
+) -> None:
+    """The second offer of the file in flight waits for the first copy (issue 9 item 4):
+    ALREADY_STORED once that one is durable, never FAILED nor a refusal."""
+    site, collector = hostile
+    sender = raw_sender(site, collector)
+    data = b"twice in one window\n" * 100
+    first = hostile_offer("twice.log", data)
+    second = Offer(2, KEYWORD, first.name, first.size, first.sha256)
+    try:
+        sender.send(first, second)
+        answer = sender.next()
+        assert isinstance(answer, Accept) and answer.file_id == 1, answer
+        sender.send(Data(1, data), EndOfData(1))
+        answers = [sender.next(), sender.next()]
+    finally:
+        sender.close()
+    assert [(type(a).__name__, getattr(a, "file_id", None)) for a in answers] == [
+        ("Stored", 1),
+        ("AlreadyStored", 2),
+    ], answers
+    assert (site.store_dir() / "twice.log").read_bytes() == data
+    assert visible_files(site.store_dir()) == ["twice.log"]

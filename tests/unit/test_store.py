@@ -191,3 +191,25 @@ def test_a_partial_released_by_a_dead_upload_resumes(tmp_path: Path) -> None:
     again = Store(str(tmp_path)).begin("f", len(data), _sha(data))
     assert again.received == 20_000
     again.close()
+
+
+def test_a_failure_in_a_group_commit_keeps_the_files_that_landed(tmp_path: Path) -> None:
+    """One file of a batch cannot be linked (its partial vanished): the others are
+    still stored and reported, and that one alone carries the failure (issue 9 item 4:
+    it used to raise out of commit before the directory fsync, failing the batch)."""
+    store = Store(str(tmp_path))
+    files = {"a.log": b"first\n", "b.log": b"second\n", "c.log": b"third\n"}
+    uploads = {}
+    for name, data in files.items():
+        upload = store.begin(name, len(data), _sha(data))
+        upload.write(data)
+        store.finish(upload)
+        uploads[name] = upload
+    os.unlink(tmp_path / PARTIAL_DIR / uploads["b.log"].partial)
+
+    done = store.commit()
+
+    outcome = {u.name: (u.stored_as, u.failure is not None) for u in done}
+    assert outcome == {"a.log": ("a.log", False), "b.log": (None, True), "c.log": ("c.log", False)}
+    assert _visible(tmp_path) == {"a.log": b"first\n", "c.log": b"third\n"}
+    store.close()
