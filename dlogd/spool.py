@@ -4,14 +4,16 @@ Layout under the root (default /var/spool/dlogd; docs/spool.md has the why)::
 
     <root>/<keyword>/<entry>               the file: hard link to the caller's inode, or a copy
     <root>/<keyword>/.owed/<entry>/<host>  one empty marker per destination still owed a copy
+    <root>/<keyword>/.owed/<entry>/.source who submitted which file (recognises a resubmit)
+    <root>/<keyword>/.owed/.id-<key>       symlink (never followed) to the entry of that source
     <root>/<keyword>/.owed/.new-*          marker sets being built (renamed into place)
     <root>/<keyword>/.tmp/                 copies being written (O_TMPFILE, else temp names)
     <root>/.retry/<host>.json              the shipper's backoff per collector (``backoff``)
     <root>/.drain.lock                     held (flock) by the one drain running
 
-Order of an add: markers built and fsynced under a temporary name, renamed to
-``.owed/<entry>`` (which also claims the entry name), ``.owed`` fsynced, then the
-entry linked into place. The keyword directory is fsynced by :meth:`Spool.commit`
+Order of an add: markers (and the ``.source`` record) built and fsynced under a
+temporary name, renamed to ``.owed/<entry>`` (which also claims the entry name),
+the ``.id-`` index link made, ``.owed`` fsynced, then the entry linked into place. The keyword directory is fsynced by :meth:`Spool.commit`
 so that a batch pays for one flush. A crash therefore leaves at worst an owed
 directory without an entry (removed by :meth:`Spool.cleanup`), never an entry that
 nobody ships, never a half-written one.
@@ -27,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -50,6 +53,8 @@ DRAIN_LOCK = ".drain.lock"
 RETRY_DIR = ".retry"
 _TMP = ".tmp"
 _NEW_PREFIX = ".new-"
+_ID_PREFIX = ".id-"
+_SOURCE = ".source"
 _MAX_COLLISIONS = 100_000
 _COPY_CHUNK = 64 * 1024 * 1024
 # Link failures that a copy can work around: other file system, protected_hardlinks
@@ -86,10 +91,60 @@ class Added:
     name: str
     size: int
     copied: bool
+    resubmit: bool = False  # the same unchanged file again: answered with its pending entry
 
     @property
     def path(self) -> str:
         return f"{self.keyword}/{self.name}"
+
+
+@dataclass(frozen=True)
+class _Source:
+    """Who submitted which file, as the kernel saw it: what makes a resubmit recognisable.
+
+    A client that got no answer (the service died after its commit) and submits
+    the same unchanged file again must get the pending entry back, not a second
+    one. "Unchanged" is the inode (st_dev, st_ino), size and mtime; ctime too,
+    except where the entry *is* the source inode (hard link: linking it moved
+    its ctime). The index key leaves ctime out for that reason.
+    """
+
+    uid: int
+    keyword: str
+    dev: int
+    ino: int
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+
+    @classmethod
+    def of(cls, uid: int, keyword: str, st: os.stat_result) -> _Source:
+        return cls(uid, keyword, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+    def index_name(self) -> str:
+        who = f"{self.uid} {self.keyword} {self.dev} {self.ino} {self.size} {self.mtime_ns}"
+        return _ID_PREFIX + hashlib.sha256(who.encode()).hexdigest()[:32]
+
+    def record(self) -> str:
+        fields = (self.uid, self.keyword, self.dev, self.ino, self.size, self.mtime_ns)
+        return " ".join(map(str, (*fields, self.ctime_ns))) + "\n"
+
+    def matches(self, recorded: str, entry: os.stat_result) -> bool:
+        if recorded == self.record():
+            return True
+        linked = (entry.st_dev, entry.st_ino) == (self.dev, self.ino)
+        return linked and recorded.rsplit(" ", 1)[0] == self.record().rsplit(" ", 1)[0]
+
+    @classmethod
+    def index_of(cls, recorded: str) -> str | None:
+        """The index name a ``.source`` record was filed under (None if unreadable)."""
+        try:
+            uid, keyword, dev, ino, size, mtime, ctime = recorded.split()
+            return cls(
+                int(uid), keyword, int(dev), int(ino), int(size), int(mtime), int(ctime)
+            ).index_name()
+        except ValueError:
+            return None
 
 
 def _check_name(kind: str, value: str, pattern: re.Pattern[str]) -> None:
@@ -177,6 +232,7 @@ class Spool:
         *,
         copy: bool = False,
         now: float | None = None,
+        caller: int | None = None,
     ) -> Added:
         """Spool the open file ``source_fd`` for ``hosts``; durable after :meth:`commit`.
 
@@ -184,6 +240,10 @@ class Spool:
         unless ``copy`` is set or linking is impossible (other file system,
         protected_hardlinks, deleted file), in which case the descriptor's bytes
         are copied (``st_size`` at the time of the call, constant memory).
+
+        With ``caller`` (the submitting uid) the source is recorded, and the same
+        caller submitting the same unchanged file to the same keyword again while
+        its entry is pending gets that entry back (``Added.resubmit``), not a copy.
         """
         _check_name("entry basename", basename, BASENAME_RE)
         if not hosts:
@@ -193,7 +253,13 @@ class Spool:
         kdir = self._keyword(keyword)
         lock_fd = self._lock(fcntl.LOCK_SH)
         try:
-            return self._add_locked(kdir, keyword, source_fd, basename, hosts, copy, now)
+            st = os.fstat(source_fd)
+            source = None if caller is None else _Source.of(caller, keyword, st)
+            if source is not None and (found := self._resubmitted(kdir, source)) is not None:
+                return found
+            return self._add_locked(
+                kdir, keyword, source_fd, st, basename, hosts, copy, now, source
+            )
         finally:
             os.close(lock_fd)
 
@@ -202,19 +268,21 @@ class Spool:
         kdir: _KeywordDir,
         keyword: str,
         source_fd: int,
+        st: os.stat_result,
         basename: str,
         hosts: Sequence[str],
         copy: bool,
         now: float | None,
+        source: _Source | None,
     ) -> Added:
-        st = os.fstat(source_fd)
         tmp: _TempCopy | None = None
         if copy or st.st_dev != os.fstat(kdir.fd).st_dev:
             tmp = self._copy(kdir, source_fd, st.st_size)
         else:
             _fsync_source(source_fd)
         try:
-            name = self._claim(kdir, basename, hosts, int(time.time() if now is None else now))
+            when = int(time.time() if now is None else now)
+            name = self._claim(kdir, basename, hosts, when, source)
             crash_point("after-owed")
             try:
                 if tmp is None:
@@ -249,18 +317,51 @@ class Spool:
             raise
         return tmp
 
-    def _claim(self, kdir: _KeywordDir, basename: str, hosts: Sequence[str], now: int) -> str:
-        """Build the owed markers, then rename them to the first free entry name."""
+    def _claim(
+        self,
+        kdir: _KeywordDir,
+        basename: str,
+        hosts: Sequence[str],
+        now: int,
+        source: _Source | None,
+    ) -> str:
+        """Build the owed markers, rename them to the first free entry name, index the source."""
         new = f"{_NEW_PREFIX}{os.getpid()}-{time.monotonic_ns()}"
         os.mkdir(new, 0o700, dir_fd=kdir.owed)
         try:
-            _fill_markers(kdir.owed, new, hosts)
+            _fill_markers(kdir.owed, new, hosts, None if source is None else source.record())
             name = self._rename_to_free_name(kdir, new, basename, now)
         except BaseException:
             _remove_tree(kdir.owed, new)
             raise
-        os.fsync(kdir.owed)
+        if source is not None:
+            try:
+                _set_index(kdir.owed, source.index_name(), name)
+            except BaseException:
+                _remove_owed(kdir, name)
+                raise
+        os.fsync(kdir.owed)  # the claim and its index link in one flush
         return name
+
+    def _resubmitted(self, kdir: _KeywordDir, source: _Source) -> Added | None:
+        """The pending entry this same unchanged source was spooled as, if any.
+
+        The index link only points; the entry must exist and its ``.source``
+        record must match, so a stale link (crash, a reused name) finds nothing.
+        """
+        try:
+            name = os.readlink(source.index_name(), dir_fd=kdir.owed)
+            entry = os.stat(name, dir_fd=kdir.fd, follow_symlinks=False)
+            recorded = _read_source(kdir.owed, name)
+        except (FileNotFoundError, NotADirectoryError, OSError):
+            return None
+        if not stat.S_ISREG(entry.st_mode) or not source.matches(recorded, entry):
+            return None
+        # The first answer may have been lost before its commit: flush again.
+        self._touched[kdir.owed] = None
+        self._touched[kdir.fd] = None
+        linked = (entry.st_dev, entry.st_ino) == (source.dev, source.ino)
+        return Added(source.keyword, name, source.size, copied=not linked, resubmit=True)
 
     def _rename_to_free_name(self, kdir: _KeywordDir, new: str, basename: str, now: int) -> str:
         for n in range(_MAX_COLLISIONS):
@@ -512,6 +613,11 @@ class Spool:
 
     def _remove_finished(self) -> None:
         for kdir, name in self._finished:
+            # Index link, then record, then the (now empty) directory: a crash in
+            # between leaves a stale link, which matches nothing and cleanup() drops.
+            _drop_index(kdir.owed, name)
+            with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+                os.unlink(f"{name}/{_SOURCE}", dir_fd=kdir.owed)
             try:
                 os.rmdir(name, dir_fd=kdir.owed)
             except OSError as e:
@@ -540,9 +646,13 @@ class Spool:
         removed = 0
         entries = {name for name, _mode in _list(kdir.fd) if not name.startswith(".")}
         for name, mode in _list(kdir.owed):
+            if stat.S_ISLNK(mode):  # index links, and ones a crash left half-made
+                removed += _drop_stale_index(kdir, name, entries)
+                continue
             if not stat.S_ISDIR(mode):
                 continue
             if name.startswith(_NEW_PREFIX) or name not in entries:
+                _drop_index(kdir.owed, name)
                 _remove_tree(kdir.owed, name)
                 removed += 1
             elif not _has_entries(kdir.owed, name):
@@ -646,12 +756,20 @@ def _fsync_source(fd: int) -> None:
             raise
 
 
-def _fill_markers(owed_fd: int, name: str, hosts: Sequence[str]) -> None:
-    """One empty marker per host in the marker directory ``name``, made durable."""
+def _fill_markers(owed_fd: int, name: str, hosts: Sequence[str], source: str | None = None) -> None:
+    """One empty marker per host in the marker directory ``name`` (and the ``.source``
+    record, if given), made durable."""
     fd = os.open(name, DIR_FLAGS, dir_fd=owed_fd)
     try:
         for host in dict.fromkeys(hosts):
             _create_empty(host, fd)
+        if source is not None:
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+            out = os.open(_SOURCE, flags, 0o600, dir_fd=fd)
+            try:
+                os.write(out, source.encode())
+            finally:
+                os.close(out)
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -711,7 +829,58 @@ def _remove_tree(parent_fd: int, name: str) -> None:
 def _remove_owed(kdir: _KeywordDir, name: str) -> None:
     # On failure cleanup() takes it: an owed dir without entry is an orphan.
     with contextlib.suppress(OSError):
+        _drop_index(kdir.owed, name)
         _remove_tree(kdir.owed, name)
+
+
+def _read_source(owed_fd: int, name: str) -> str:
+    """The ``.source`` record of entry ``name`` (OSError if it has none)."""
+    fd = os.open(f"{name}/{_SOURCE}", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=owed_fd)
+    try:
+        return os.read(fd, 512).decode("ascii", "replace")
+    finally:
+        os.close(fd)
+
+
+def _set_index(owed_fd: int, index: str, name: str) -> None:
+    """Point the index link ``index`` at entry ``name``, replacing a stale one atomically.
+
+    Only ever read with readlink(): the link is a record, never a path followed.
+    """
+    try:
+        os.symlink(name, index, dir_fd=owed_fd)
+        return
+    except FileExistsError:
+        pass  # stale (the caller found no pending entry behind it) or a racing twin
+    tmp = f"{_NEW_PREFIX}{os.getpid()}-{time.monotonic_ns()}"
+    os.symlink(name, tmp, dir_fd=owed_fd)
+    try:
+        os.rename(tmp, index, src_dir_fd=owed_fd, dst_dir_fd=owed_fd)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp, dir_fd=owed_fd)
+        raise
+
+
+def _drop_index(owed_fd: int, name: str) -> None:
+    """Remove the index link of entry ``name``, if it still points there."""
+    try:
+        index = _Source.index_of(_read_source(owed_fd, name))
+        if index is not None and os.readlink(index, dir_fd=owed_fd) == name:
+            os.unlink(index, dir_fd=owed_fd)
+    except (FileNotFoundError, NotADirectoryError):
+        pass
+
+
+def _drop_stale_index(kdir: _KeywordDir, index: str, entries: set[str]) -> int:
+    """cleanup(): an index link whose entry is gone (crash mid add or mid removal)."""
+    try:
+        if index.startswith(_ID_PREFIX) and os.readlink(index, dir_fd=kdir.owed) in entries:
+            return 0
+        os.unlink(index, dir_fd=kdir.owed)
+    except FileNotFoundError:
+        return 0
+    return 1
 
 
 def _warn(what: str, keyword: str, name: str) -> None:

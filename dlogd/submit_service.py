@@ -258,7 +258,14 @@ class Handler:
         except BadBasename as e:
             raise RequestRefused(SubmitCode.BAD_NAME, str(e)) from None
         try:
-            return self.spool.add(keyword.name, fd, basename, keyword.hosts, copy=keyword.copy)
+            return self.spool.add(
+                keyword.name,
+                fd,
+                basename,
+                keyword.hosts,
+                copy=keyword.copy,
+                caller=self.auth.peer.uid,  # a resubmit by the same caller gets the same entry
+            )
         except OSError as e:
             raise _spool_failure(e, size) from None
         except ValueError as e:
@@ -381,7 +388,7 @@ def _report(outcome: Handled, peer: Peer) -> None:
     path = request.path.decode("utf-8", "backslashreplace")
     if added is not None:
         journal.send(
-            f"accepted {added.path}",
+            f"accepted {added.path}" + (" (resubmit: already spooled)" if added.resubmit else ""),
             message_id=journal.SUBMIT_ACCEPTED,
             keyword=request.keyword,
             uid=peer.uid,

@@ -8,8 +8,8 @@
   first, and the first's copy is intact.
 * A client that gets no answer (it died, or gave up waiting) after the submit
   service committed its batch, and submits the same unchanged files again:
-  "retries are harmless" says each file is stored once. Issue 9 item 2
-  (open) says today both copies are stored; that test is a strict xfail.
+  "retries are harmless" says each file is stored once (issue 9 item 2: the
+  spool answers a resubmit with the pending entry).
 """
 
 from __future__ import annotations
@@ -142,11 +142,6 @@ submit_many(sys.argv[2:], sys.argv[1], socket_path={socket!r}, timeout=60)
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="issue 9 item 2: a resubmit after an unknown outcome is spooled and stored again",
-)
 def test_resubmit_after_an_unknown_outcome_stores_each_file_once(site: Site) -> None:
     collector = site.start(activated=True)
     config = site.client_config([Target(COLLECTOR, collector.port)], retry=RETRY_POLICY)

@@ -669,3 +669,41 @@ def test_dlogctl_submit_without_a_service_exits_3(tmp_path: Path) -> None:
     run = _dlogctl_submit(tmp_path / "no.sock", good)
     assert run.returncode == 3, run.stderr
     assert "cannot reach the submit service" in run.stderr
+
+
+# -- a resubmit after an unknown outcome (issue 9 item 2) ------------------------------
+
+
+@pytest.mark.parametrize("keyword", ["audit", "copied"])
+def test_resubmit_of_unchanged_files_gets_the_pending_entries(
+    service: Service, users: Users, keyword: str
+) -> None:
+    """The client never saw the first answers (its connection died): the same files
+    again, by the same user, are answered with the entries already spooled."""
+    content = {f"r{i}.log".encode(): os.urandom(100 + i) for i in range(3)}
+    paths = [user_file(service.work, users.by_uid, name, data) for name, data in content.items()]
+
+    def submit_all() -> list[Response]:
+        fds = [os.open(p, os.O_RDONLY) for p in paths]
+        try:
+            return submit_fds(service, keyword, list(zip(paths, fds, strict=True)))
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    first = as_user(users.by_uid, submit_all)
+    again = as_user(users.by_uid, submit_all)
+    assert [a.message for a in again] == [f.message for f in first]
+    assert [a.size for a in again] == [len(d) for d in content.values()]
+    for answer, data in zip(first, content.values(), strict=True):
+        service.expect(answer, data)
+    service.wait_idle()
+    assert service.journal().count("resubmit") == len(paths)
+    # Another user submitting the same file is not a resubmit: a new entry.
+    fd = os.open(paths[0], os.O_RDONLY)
+    try:
+        [other] = submit_fds(service, keyword, [(paths[0], fd)])  # as root, also allowed
+    finally:
+        os.close(fd)
+    assert other.message not in {f.message for f in first}
+    service.expect(other, content[b"r0.log"])

@@ -13,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from dlogd.names import MAX_BASENAME, BadBasename, entry_basename
-from dlogd.spool import Entry, Spool
+from dlogd.spool import Added, Entry, Spool
 
 SAFE_RE = re.compile(r"[A-Za-z0-9._+,=@%-]+\Z")
 NOW = 1_700_000_000
@@ -375,3 +375,116 @@ def test_a_failing_acknowledgement_fails_the_commit_instead_of_hanging(
     # Nothing after the failure was applied: the entry is still owed, to be sent again.
     (still,) = spool.pending()
     assert still.owed == {"logs1"}
+
+
+# -- a resubmit after an unknown outcome (issue 9 item 2) ------------------------------
+
+UID = 1000
+
+
+def submit(
+    spool: Spool, path: Path, *, uid: int = UID, keyword: str = "audit", copy: bool = False
+) -> Added:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        added = spool.add(
+            keyword,
+            fd,
+            entry_basename(os.fsencode(path)),
+            ("logs1",),
+            copy=copy,
+            now=NOW,
+            caller=uid,
+        )
+    finally:
+        os.close(fd)
+    spool.commit()
+    return added
+
+
+def entries(spool_root: Path, keyword: str = "audit") -> list[str]:
+    return sorted(p.name for p in (spool_root / keyword).iterdir() if not p.name.startswith("."))
+
+
+@pytest.mark.parametrize("copy", [False, True], ids=["linked", "copied"])
+def test_resubmit_of_the_same_unchanged_file_gets_the_pending_entry(
+    spool: Spool, tmp_path: Path, copy: bool
+) -> None:
+    src = write(tmp_path / "app.log", b"one file, submitted twice\n")
+    first = submit(spool, src, copy=copy)
+    again = submit(spool, src, copy=copy)
+    assert (again.name, again.size, again.copied) == (first.name, first.size, first.copied)
+    assert (first.resubmit, again.resubmit) == (False, True)
+    assert entries(tmp_path / "spool") == [first.name]
+    assert [e.owed for e in spool.pending()] == [frozenset({"logs1"})]
+
+
+def test_other_file_system_resubmit_gets_the_copy(spool: Spool, tmp_path: Path) -> None:
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as shm:
+        src = write(Path(shm) / "shm.log", b"x" * 10_000)
+        first = submit(spool, src)
+        again = submit(spool, src)
+    assert first.copied and again.resubmit and again.name == first.name
+    assert entries(tmp_path / "spool") == [first.name]
+
+
+def test_changed_file_other_caller_or_keyword_is_a_new_entry(spool: Spool, tmp_path: Path) -> None:
+    src = write(tmp_path / "app.log", b"v1")
+    first = submit(spool, src, copy=True)
+    assert not submit(spool, src, uid=UID + 1, copy=True).resubmit
+    assert not submit(spool, src, keyword="other", copy=True).resubmit
+    st = src.stat()
+    os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))  # touched: a new version
+    touched = submit(spool, src, copy=True)
+    assert not touched.resubmit and touched.name != first.name
+    src.write_bytes(b"v2 longer")
+    assert not submit(spool, src, copy=True).resubmit
+    assert len(entries(tmp_path / "spool")) == 4
+
+
+def test_copied_source_whose_ctime_moved_is_a_new_entry(spool: Spool, tmp_path: Path) -> None:
+    src = write(tmp_path / "app.log", b"v1")
+    first = submit(spool, src, copy=True)
+    os.chmod(src, 0o640)  # same inode, size and mtime; ctime moved
+    assert not submit(spool, src, copy=True).resubmit
+    assert submit(spool, src, copy=True).name != first.name
+
+
+def test_delivered_entry_leaves_no_index_behind(spool: Spool, tmp_path: Path) -> None:
+    src = write(tmp_path / "app.log", b"data")
+    first = submit(spool, src)
+    (entry,) = spool.pending()
+    spool.acknowledge(entry, "logs1")
+    spool.commit()
+    assert os.listdir(tmp_path / "spool/audit/.owed") == []
+    assert entries(tmp_path / "spool") == []
+    # Once delivered, the spool no longer knows it: a later submit is a new entry.
+    assert not submit(spool, src).resubmit
+    assert first.name in entries(tmp_path / "spool")  # the name was free again
+
+
+def test_index_without_its_entry_matches_nothing_and_cleanup_drops_it(
+    spool: Spool, tmp_path: Path
+) -> None:
+    src = write(tmp_path / "app.log", b"data")
+    first = submit(spool, src, copy=True)
+    owed = tmp_path / "spool/audit/.owed"
+    (tmp_path / "spool/audit" / first.name).unlink()  # a crash after the claim, before the link
+    (index,) = [p.name for p in owed.iterdir() if p.name.startswith(".id-")]
+    os.symlink("x", owed / ".new-1-2")  # a crash while replacing an index link
+    again = submit(spool, src, copy=True)
+    assert not again.resubmit and again.name != first.name
+    assert os.readlink(owed / index) == again.name  # the stale link was replaced
+    assert spool.cleanup() == 2  # the orphan owed dir and the half-made link
+    assert sorted(p.name for p in owed.iterdir()) == [index, again.name]
+    assert submit(spool, src, copy=True).name == again.name
+
+
+def test_index_pointing_at_another_entry_matches_nothing(spool: Spool, tmp_path: Path) -> None:
+    a = submit(spool, write(tmp_path / "a.log", b"a"), copy=True)
+    b = submit(spool, write(tmp_path / "b.log", b"b"), copy=True)
+    owed = tmp_path / "spool/audit/.owed"
+    (index_a,) = [p for p in owed.iterdir() if os.path.islink(p) and os.readlink(p) == a.name]
+    index_a.unlink()
+    os.symlink(b.name, index_a)  # e.g. a name reused after delivery
+    assert not submit(spool, tmp_path / "a.log", copy=True).resubmit
