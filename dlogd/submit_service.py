@@ -283,6 +283,15 @@ def _check_descriptor(fd: int, limits: Limits) -> int:
         raise RequestRefused(
             SubmitCode.NOT_REGULAR_FILE, f"not a regular file (mode {st.st_mode:o})"
         )
+    # procfs (and the like) report st_size 0 for files with content: both link and
+    # copy would spool them empty. One byte read at offset 0 tells; a normal empty
+    # file reads nothing. (sysfs reports 4096 and is copied as its real bytes.)
+    if st.st_size == 0 and os.pread(fd, 1, 0):
+        raise RequestRefused(
+            SubmitCode.NOT_REGULAR_FILE,
+            "the kernel reports size 0 but the file has content (a /proc file, or one"
+            " still being written): copy it to a regular file and submit that",
+        )
     if st.st_size > limits.max_file_size:
         raise RequestRefused(
             SubmitCode.TOO_LARGE, f"{st.st_size} bytes is over the limit of {limits.max_file_size}"

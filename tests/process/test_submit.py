@@ -376,6 +376,24 @@ def test_fifo_directory_and_device_are_refused(service: Service, users: Users) -
         assert answer.code is SubmitCode.NOT_REGULAR_FILE, path
 
 
+def test_procfs_file_whose_size_the_kernel_does_not_report_is_refused(
+    service: Service, users: Users
+) -> None:
+    """/proc files say st_size 0 and have content: spooled, they came out empty."""
+    for path in (b"/proc/version", b"/proc/self/status"):
+        assert os.stat(path).st_size == 0 and Path(os.fsdecode(path)).read_bytes()
+        answer = as_user(users.by_uid, partial(submit_path, service, "audit", path))
+        assert answer.code is SubmitCode.NOT_REGULAR_FILE, answer
+        assert "size" in answer.message and "/proc" in answer.message
+        copied = as_user(users.by_uid, partial(submit_path, service, "copied", path))
+        assert copied.code is SubmitCode.NOT_REGULAR_FILE, copied
+    # A sysfs attribute reports 4096 bytes but is copied as its real content.
+    sysfs = b"/sys/class/net/lo/address"
+    answer = as_user(users.by_uid, partial(submit_path, service, "audit", sysfs))
+    service.expect(answer, Path(os.fsdecode(sysfs)).read_bytes())
+    assert answer.size == len(Path(os.fsdecode(sysfs)).read_bytes())
+
+
 def test_other_file_system_is_copied(service: Service, users: Users) -> None:
     shm = Path(tempfile.mkdtemp(dir="/dev/shm"))
     try:
