@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Collection
+import sys
+from collections.abc import Callable, Collection
 
 SD_LISTEN_FDS_START = 3
 
@@ -42,3 +43,26 @@ def inherited_connection(
             f"{program}: fd {fd} is not a connected socket (is the .socket unit Accept=yes?)"
         ) from None
     return sock
+
+
+def run(
+    program: str,
+    families: Collection[int],
+    serve_one: Callable[[socket.socket], int],
+    development: Callable[[], int] | None,
+    development_option: str,
+) -> int:
+    """A service's modes, decided by the descriptors systemd passed (as systemd-coredump):
+    one is a connection to serve, none means the development mode if it was asked
+    for (``development``), more is an error. Returns the exit status."""
+    count = listen_fds()
+    if count > 1:
+        print(f"{program}: expected 1 socket from systemd, got {count}", file=sys.stderr)
+        return 2
+    if count == 1:
+        with inherited_connection(program, families) as sock:
+            return serve_one(sock)
+    if development is not None:
+        return development()
+    print(f"{program}: no socket from systemd and no {development_option}", file=sys.stderr)
+    return 2

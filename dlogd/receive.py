@@ -21,6 +21,7 @@ import argparse
 import socket
 import sys
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -51,11 +52,13 @@ from dlogd.shipwire import (
 from dlogd.store import (
     DigestMismatch,
     NameConflict,
+    PartialUsage,
     SizeMismatch,
     Store,
     StoreError,
     UnsafeName,
     Upload,
+    tidy_partials,
 )
 from dlogd.tls import (
     PeerRefused,
@@ -67,6 +70,9 @@ from dlogd.tls import (
 )
 
 MAX_BATCH_BYTES = 256 * 1024 * 1024
+# Partial usage of a sending host, as an instance starts (docs/journal.md). Kept
+# here until dlogd/journal.py, which holds the other ids, takes it.
+RECEIVE_PARTIALS = "5b0f3c7e9a2d4e61b8c4f1d2a7e9c305"
 STANDALONE_BACKLOG = 64  # development mode only: under systemd the socket unit listens
 
 
@@ -101,6 +107,7 @@ class Session:
         self.deferred: deque[Offer] = deque()  # offers not answered yet, in order
 
     def run(self) -> None:
+        self._tidy_partials()
         try:
             while True:
                 # Nothing more waiting from the shipper: make the batch durable now.
@@ -134,6 +141,48 @@ class Session:
             self._answer_deferred()  # a copy that failed here no longer holds its twin
         elif isinstance(event, Ping):
             self.link.send(Pong(event.nonce))
+
+    # --- partials ---
+
+    def _host_dirs(self) -> list[str]:
+        return [d for kw in self.config.keywords.values() if (d := kw.dirs.get(self.host))]
+
+    def _tidy_partials(self) -> None:
+        """As the instance starts: drop this host's partials nobody can resume, and
+        journal what is left (issue 9: they used to pile up for ever)."""
+        limit = self.config.partials
+        usage = PartialUsage()
+        for directory in self._host_dirs():
+            usage += tidy_partials(directory, limit.max_age, time.time())
+        if usage.files or usage.removed:
+            journal.send(
+                f"partials from {self.host}: {usage.files} held ({usage.bytes} bytes),"
+                f" {usage.removed} removed ({usage.removed_bytes} bytes)",
+                message_id=RECEIVE_PARTIALS,
+                host=self.host,
+                peer=self.peer,
+                partial_files=usage.files,
+                partial_bytes=usage.bytes,
+                removed_files=usage.removed,
+                removed_bytes=usage.removed_bytes,
+            )
+
+    def _partials_full(self, store: Store, offer: Offer) -> str | None:
+        """Why a new partial may not be started for this host now, if it may not."""
+        if store.holds_partial(offer.name, offer.size, offer.sha256):
+            return None  # a resume adds nothing
+        usage = PartialUsage()
+        opened = {s.directory: s for s in self.stores.values()}
+        for directory in self._host_dirs():
+            held = opened.get(directory)
+            usage += held.partial_usage() if held else tidy_partials(directory, 0.0, None)
+        limit = self.config.partials
+        if usage.files < limit.max_files and usage.bytes < limit.max_bytes:
+            return None
+        return (
+            f"partial uploads from {self.host} hold {usage.files} files, {usage.bytes} bytes"
+            f" (limits {limit.max_files} files, {limit.max_bytes} bytes): try again later"
+        )
 
     # --- offers ---
 
@@ -180,6 +229,9 @@ class Session:
                     stored_as=offered.already_stored,
                 )
                 return AlreadyStored(offer.file_id)
+            full = self._partials_full(store, offer)
+            if full is not None:
+                return self._refuse(offer, Code.TEMPORARY_FAILURE, full)
             upload = store.begin(offer.name, offer.size, offer.sha256)
         except StoreError as exc:
             code = _store_code(exc)
@@ -274,8 +326,11 @@ class Session:
 
     def _close(self) -> None:
         for incoming in self.incoming.values():
-            if incoming.upload is not None:
-                incoming.upload.close()  # the partial stays for a resume
+            upload = incoming.upload
+            if upload is not None and upload.received == 0:
+                upload.discard()  # holds nothing to resume: it would only pile up
+            elif upload is not None:
+                upload.close()  # the partial stays for a resume
         for store in self.stores.values():
             store.close()
 

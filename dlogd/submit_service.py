@@ -28,8 +28,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from dlogd import journal, submitwire
-from dlogd.activation import inherited_connection, listen_fds
+from dlogd import activation, journal, submitwire
 from dlogd.config import (
     DEFAULT_CLIENT_CONFIG,
     ClientConfig,
@@ -468,20 +467,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    count = listen_fds()
-    if count > 1:
-        print(f"dlogd-submit: expected 1 socket from systemd, got {count}", file=sys.stderr)
-        return 2
-    if count == 1:
-        with inherited_connection("dlogd-submit", (socket.AF_UNIX,)) as sock:
-            config, error = load(args.config)
-            serve_connection(sock, config, error)
+
+    def serve_one(sock: socket.socket) -> int:
+        config, error = load(args.config)
+        serve_connection(sock, config, error)
         return 0
-    if args.listen:
+
+    def development() -> int:
         serve_listening(args.listen, lambda: load(args.config))
         return 0
-    print("dlogd-submit: no socket from systemd and no --listen PATH", file=sys.stderr)
-    return 2
+
+    return activation.run(
+        "dlogd-submit",
+        (socket.AF_UNIX,),
+        serve_one,
+        development if args.listen else None,
+        "--listen PATH",
+    )
 
 
 if __name__ == "__main__":
