@@ -17,7 +17,6 @@ counts; anything else runs the short CI form.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import random
@@ -28,7 +27,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -47,6 +46,7 @@ from tests.shipharness import (
     Site,
     Target,
     partials,
+    sha256_of,
     ship,
     visible_files,
 )
@@ -80,10 +80,6 @@ def seeds(n: int) -> list[int]:
     return [rng.randrange(1 << 48) for _ in range(n)]
 
 
-def random_bytes(rng: random.Random, size: int) -> bytes:
-    return rng.randbytes(size)
-
-
 def write_random(rng: random.Random, path: Path, size: int) -> Path:
     """``size`` bytes from ``rng`` (so a seed replays the same content), in chunks."""
     with path.open("wb") as f:
@@ -93,18 +89,6 @@ def write_random(rng: random.Random, path: Path, size: int) -> Path:
             f.write(rng.randbytes(n))
             left -= n
     return path
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(4 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # --- the ledger ------------------------------------------------------------------------
@@ -169,7 +153,7 @@ def check_store(ledger: Ledger, store_dir: Path) -> Findings:
     seen_content: Counter[str] = Counter()
     allowed = set(ledger.acknowledged.values()) | set(ledger.unknown.values())
     for name in visible_files(store_dir):
-        digest = sha256_file(store_dir / name)
+        digest = sha256_of(store_dir / name)
         seen_content[digest] += 1
         if CONFLICT_RE.search(name):
             found.conflict_copies.append(name)
@@ -233,6 +217,7 @@ class Tally:
     counts: Counter[str] = field(default_factory=Counter)
     failures: dict[int, dict[str, list[str]]] = field(default_factory=dict)
     figures: dict[str, float] = field(default_factory=dict)
+    known: dict[int, list[str]] = field(default_factory=dict)
     started: float = field(default_factory=time.monotonic)
 
     def add(self, target: str, seed: int, found: Findings, **extra: int) -> None:
@@ -242,6 +227,10 @@ class Tally:
             self.counts[key] += len(value)
         for key, value in extra.items():
             self.counts[key] += value
+        if found.retry_left:
+            # Issue 9 item 10 (open): evidence, not a new defect; the seed is kept.
+            self.known[seed] = found.retry_left
+            print(f"KNOWN ISSUE (9.10) seed={seed}: {found.retry_left} left", file=sys.stderr)
         problems = found.problems()
         if problems:
             self.failures[seed] = problems
@@ -265,6 +254,8 @@ class Tally:
         ]
         if self.failures:
             lines.append(f"   failing seeds: {sorted(self.failures)}")
+        if self.known:
+            lines.append(f"   seeds with .retry state left (issue 9 item 10): {sorted(self.known)}")
         text = "\n".join(lines)
         directory = os.environ.get(REPORT_DIR_ENV)
         if directory:
@@ -276,6 +267,8 @@ class Tally:
                 "counts": dict(self.counts),
                 "figures": self.figures,
                 "failing_seeds": sorted(self.failures),
+                "failures": {str(k): v for k, v in self.failures.items()},
+                "retry_left_seeds": sorted(self.known),
             }
             (Path(directory) / f"{self.name}.json").write_text(json.dumps(out, indent=1))
         return text
@@ -326,7 +319,14 @@ def kill_instances(service: Service) -> int:
 
 
 def submit_files(service: Service, paths: Sequence[Path], timeout: float = 30) -> list[object]:
-    return list(submit_many(paths, KEYWORD, socket_path=str(service.socket_path), timeout=timeout))
+    """``submit_many``'s answers; if it raised (the service could not be reached, as when
+    it is killed while the connection is made), every file's outcome is that error."""
+    try:
+        return list(
+            submit_many(paths, KEYWORD, socket_path=str(service.socket_path), timeout=timeout)
+        )
+    except OSError as exc:
+        return [exc] * len(paths)
 
 
 def reached(predicate: Callable[[], bool], timeout: float, step: float = 0.005) -> bool:
@@ -479,8 +479,3 @@ def trial_root(base: Path, seed: int) -> Path:
 def discard(root: Path) -> None:
     """A passing trial's files go (disk space); a failing one's stay for a look."""
     shutil.rmtree(root, ignore_errors=True)
-
-
-def kill_all(collectors: Iterator[Collector] | Sequence[Collector]) -> None:
-    for collector in collectors:
-        collector.kill()

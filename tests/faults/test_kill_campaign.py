@@ -38,7 +38,6 @@ from tests.faults.campaign import (
     point_at,
     reached,
     seeds,
-    sha256_file,
     stop_service,
     submit_files,
     submit_service,
@@ -46,7 +45,7 @@ from tests.faults.campaign import (
     write_random,
 )
 from tests.process.test_submit import Service
-from tests.shipharness import Pki, Site, pki_set, start_ship, visible_files
+from tests.shipharness import Pki, Site, pki_set, sha256_of, start_ship, visible_files
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
 
@@ -92,7 +91,7 @@ def _trial(
     rng: random.Random, target: str, site: Site, services: list[Service]
 ) -> tuple[Findings, dict[str, int]]:
     files = make_files(rng, site.root)
-    digests = [sha256_file(p) for p in files]
+    digests = [sha256_of(p) for p in files]
     collector = site.start(activated=True)
     config = point_at(site, collector)
     service = submit_service(site, config)

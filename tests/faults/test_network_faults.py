@@ -32,7 +32,6 @@ from tests.faults.campaign import (
     drain,
     partial_bytes,
     seeds,
-    sha256_file,
     wait_until,
     write_random,
 )
@@ -53,6 +52,7 @@ from tests.shipharness import (
     Site,
     Target,
     pki_set,
+    sha256_of,
     site,
 )
 from tests.tlsfixtures import COLLECTOR, SENDER
@@ -79,7 +79,7 @@ def spool_mix(site: Site, rng: random.Random, large: list[int], small: int) -> L
         for i in range(small)
     ]
     ledger = Ledger()
-    ledger.acknowledge_entries(site.add(*paths), [sha256_file(p) for p in paths])
+    ledger.acknowledge_entries(site.add(*paths), [sha256_of(p) for p in paths])
     return ledger
 
 

@@ -19,6 +19,7 @@ import random
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -40,7 +41,6 @@ from tests.faults.campaign import (
     pending_entries,
     reached,
     seeds,
-    sha256_file,
     stop_service,
     submit_files,
     submit_service,
@@ -55,6 +55,7 @@ from tests.shipharness import (
     Target,
     partials,
     pki_set,
+    sha256_of,
     ship,
     start_ship,
     visible_files,
@@ -99,7 +100,7 @@ def test_self_test_a_rename_without_fsync_does_not_survive_the_cut() -> None:
         # And the campaign's check says so: the careless file counts as lost or torn.
         ledger = Ledger()
         ledger.acknowledge_entries(
-            ["careless.log", "careful.log"], [sha256_file(careful), sha256_file(careful)]
+            ["careless.log", "careful.log"], [sha256_of(careful), sha256_of(careful)]
         )
         found = check_store(ledger, after)
         assert found.lost + found.wrong_content == ["careless.log"]
@@ -121,28 +122,37 @@ def make_mix(rng: random.Random, root: Path) -> list[Path]:
     return paths
 
 
-def store_cut_trial(pki: Pki, base: Path, seed: int, tally: Tally) -> None:
+Body = Callable[[random.Random, Site, Disk, Tally, list[Service]], Findings]
+
+
+def cut_trial(kind: str, body: Body, pki: Pki, base: Path, seed: int, tally: Tally) -> None:
+    """One trial in a world of its own with a fresh disk; failures are tallied by seed."""
     rng = random.Random(seed)
-    root = base / f"store-{seed}"
+    root = base / f"{kind}-{seed}"
     root.mkdir()
     site = Site(root, pki)
-    with disk(f"s{seed % 100000}") as d:
+    with disk(f"{kind[0]}{seed % 100000}") as d:
+        services: list[Service] = []
         try:
-            found = _store_cut(rng, site, d, tally)
-            tally.add("store", seed, found, fsck_repairs=int(d.fsck_codes[0] == 1))
+            found = body(rng, site, d, tally, services)
+            tally.add(kind, seed, found, fsck_repairs=int(d.fsck_codes[0] == 1))
         except Exception as exc:
-            tally.error("store", seed, exc)
+            tally.error(kind, seed, exc)
         finally:
+            for service in services:
+                stop_service(service)
             for running in site.running:
                 running.kill()
             site.running.clear()
 
 
-def _store_cut(rng: random.Random, site: Site, d: Disk, tally: Tally) -> Findings:
+def _store_cut(
+    rng: random.Random, site: Site, d: Disk, tally: Tally, services: list[Service]
+) -> Findings:
     live_store = d.root / SENDER / KEYWORD
     paths = make_mix(rng, site.root)
     ledger = Ledger()
-    ledger.acknowledge_entries(site.add(*paths), [sha256_file(p) for p in paths])
+    ledger.acknowledge_entries(site.add(*paths), [sha256_of(p) for p in paths])
     collector = site.start(activated=True, directory=live_store)
     config = site.client_config([Target(COLLECTOR, collector.port)], retry=RETRY_POLICY)
     shipper = start_ship(config, site.cache)
@@ -184,7 +194,7 @@ def test_power_cut_on_the_collector_store(
 ) -> None:
     tally = Tally("powercut-store")
     for seed in seeds(count(ci=3, full=60)):
-        store_cut_trial(pki_set, tmp_path, seed, tally)
+        cut_trial("store", _store_cut, pki_set, tmp_path, seed, tally)
     tally.show(capsys)
     tally.assert_clean()
 
@@ -192,32 +202,12 @@ def test_power_cut_on_the_collector_store(
 # --- the client's spool ---------------------------------------------------------------------
 
 
-def spool_cut_trial(pki: Pki, base: Path, seed: int, tally: Tally) -> None:
-    rng = random.Random(seed)
-    root = base / f"spool-{seed}"
-    root.mkdir()
-    site = Site(root, pki)
-    with disk(f"p{seed % 100000}") as d:
-        services: list[Service] = []
-        try:
-            found = _spool_cut(rng, site, d, tally, services)
-            tally.add("spool", seed, found, fsck_repairs=int(d.fsck_codes[0] == 1))
-        except Exception as exc:
-            tally.error("spool", seed, exc)
-        finally:
-            for service in services:
-                stop_service(service)
-            for running in site.running:
-                running.kill()
-            site.running.clear()
-
-
 def _spool_cut(
     rng: random.Random, site: Site, d: Disk, tally: Tally, services: list[Service]
 ) -> Findings:
     live_spool = d.root / "spool"
     paths = make_mix(rng, site.root)  # on another file system: the service copies them
-    digests = [sha256_file(p) for p in paths]
+    digests = [sha256_of(p) for p in paths]
     config = write_client_config(
         site.root / "client.conf",
         spool=live_spool,
@@ -253,8 +243,10 @@ def _spool_cut(
     cut.set()
     freeze(service.proc.pid)  # the power goes: the activator, then its instances
     copy = d.cut()
-    kill_instances(service)
-    os.kill(service.proc.pid, signal.SIGCONT)
+    # The power is off: every process dies, the activator too. (Left running, it would
+    # accept a connection still waiting in its backlog and answer OK after the cut.)
+    kill_instances(service)  # first: once the activator is gone its children are not listed
+    os.kill(service.proc.pid, signal.SIGKILL)
     worker.join(60)
     assert not worker.is_alive(), "submit_many hung"
     ledger = Ledger()
@@ -287,6 +279,6 @@ def test_power_cut_on_the_client_spool(
 ) -> None:
     tally = Tally("powercut-spool")
     for seed in seeds(count(ci=3, full=40)):
-        spool_cut_trial(pki_set, tmp_path, seed, tally)
+        cut_trial("spool", _spool_cut, pki_set, tmp_path, seed, tally)
     tally.show(capsys)
     tally.assert_clean()

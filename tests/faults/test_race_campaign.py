@@ -34,7 +34,6 @@ from tests.faults.campaign import (
     drain,
     partial_bytes,
     pending_entries,
-    sha256_file,
     stop_service,
     submit_files,
     submit_service,
@@ -50,6 +49,7 @@ from tests.shipharness import (
     Site,
     Target,
     pki_set,
+    sha256_of,
     site,
     spool_files,
     write_client_config,
@@ -109,7 +109,7 @@ def test_same_large_file_on_two_connections_over_a_slow_link(site: Site, link: L
     for spool, conf in ((site.spool, config), (other_spool, other)):
         drain(site, conf, spool=spool, runner=partial(_ship_in, link, conf, site.cache))
     ledger = Ledger()
-    ledger.acknowledge_entries([entry], [sha256_file(source)])
+    ledger.acknowledge_entries([entry], [sha256_of(source)])
     found = audit(ledger, site)
     assert found.problems() == {}, found
     assert pending_entries(other_spool) == []
@@ -120,7 +120,7 @@ def test_two_drains_of_one_spool_over_a_slow_link(site: Site, link: Link) -> Non
     rng = random.Random(10)
     paths = [write_random(rng, site.root / f"f{i}.log", 12 * MB) for i in range(3)]
     ledger = Ledger()
-    ledger.acknowledge_entries(site.add(*paths), [sha256_file(p) for p in paths])
+    ledger.acknowledge_entries(site.add(*paths), [sha256_of(p) for p in paths])
     first = link.start_ship(config, site.cache)
     wait_until(lambda: partial_bytes(site.store_dir()) > 0, 60, "the first drain to send")
     second = finish_ship(link.start_ship(config, site.cache), 60)
@@ -179,7 +179,7 @@ def test_resubmit_after_an_unknown_outcome_stores_each_file_once(site: Site) -> 
         if not all(type(r).__name__ == "Submitted" for r in again):
             pytest.fail(f"setup: the resubmit was refused: {again}")
         ledger = Ledger()
-        ledger.record(again, [sha256_file(p) for p in paths])
+        ledger.record(again, [sha256_of(p) for p in paths])
         drain(site, config)
         found = audit(ledger, site)
         assert found.duplicated == [], (

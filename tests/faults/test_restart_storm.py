@@ -28,7 +28,6 @@ from tests.faults.campaign import (
     partial_bytes,
     pending_entries,
     seeds,
-    sha256_file,
     write_random,
 )
 from tests.shipharness import (
@@ -39,6 +38,7 @@ from tests.shipharness import (
     free_port,
     partials,
     pki_set,
+    sha256_of,
     ship,
     site,
 )
@@ -81,7 +81,7 @@ def test_restart_storm_keeps_retry_state_and_partials_bounded(
             )
             for i in range(n)
         ]
-        ledger.acknowledge_entries(site.add(*paths), [sha256_file(p) for p in paths])
+        ledger.acknowledge_entries(site.add(*paths), [sha256_of(p) for p in paths])
 
     add_files(10, 0)
     worst = {"retry_files": 0, "partials": 0, "partial_bytes": 0, "excess_partials": 0}
