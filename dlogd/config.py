@@ -49,6 +49,15 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class PartialLimits:
+    """The collector's bound on held partial uploads (``partials { }``), per sending host."""
+
+    max_age: float = 7 * 24 * 3600.0  # not resumed for this long: removed
+    max_bytes: int = 16 * 1024**3  # beyond this, or max_files, new uploads are refused for now
+    max_files: int = 64  # a window's worth
+
+
+@dataclass(frozen=True)
 class Retry:
     min_delay: float = 30.0
     max_delay: float = 3600.0
@@ -94,6 +103,7 @@ class ServerConfig:
     hosts: Mapping[str, Host]
     tls: TLSFiles = field(default_factory=TLSFiles)
     limits: Limits = field(default_factory=Limits)
+    partials: PartialLimits = field(default_factory=PartialLimits)
     sources: tuple[str, ...] = ()
 
 
@@ -292,6 +302,7 @@ def build(
         },
         tls=tls,
         limits=limits,
+        partials=_partials(data.get("partials", {})),
         sources=files,
     )
 
@@ -315,6 +326,13 @@ def _resolve_uids(values: list[int | str]) -> list[int]:
         with contextlib.suppress(KeyError):
             uids.append(pwd.getpwnam(value).pw_uid)
     return uids
+
+
+def _partials(block: Mapping[str, Any]) -> PartialLimits:
+    defaults = PartialLimits()
+    return PartialLimits(
+        **{f.name: block.get(f.name, getattr(defaults, f.name)) for f in fields(PartialLimits)}
+    )
 
 
 def _limits(block: Mapping[str, Any]) -> Limits:
@@ -373,6 +391,11 @@ def to_text(config: ClientConfig | ServerConfig) -> str:
             lines += [f"    host {quote(h)};" for h in kw.hosts]
             lines += [f"    copy {'yes' if kw.copy else 'no'};", "}"]
     else:
+        p = config.partials
+        lines.append(
+            f"partials {{ max_age {_seconds(p.max_age)}; max_bytes {p.max_bytes};"
+            f" max_files {p.max_files}; }}"
+        )
         for skw in config.keywords.values():
             lines.append(f"keyword {quote(skw.name)} {{")
             lines += [f"    host {quote(h)} dir {quote(d)};" for h, d in skw.dirs.items()]

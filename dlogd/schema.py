@@ -356,6 +356,13 @@ SERVER = _block(
     {
         vol.Optional("tls"): TLS,
         vol.Optional("limits"): LIMITS,
+        vol.Optional("partials"): _block(
+            {
+                vol.Optional("max_age"): once(duration),
+                vol.Optional("max_bytes"): once(size),
+                vol.Optional("max_files"): once(positive),
+            }
+        ),
         vol.Optional("keyword"): {
             identifier: _block(
                 {vol.Required("host", msg="a keyword needs at least one host line"): each(host_dir)}

@@ -153,6 +153,7 @@ class Upload:
         try:
             # The offset is read under the lock: nobody else can change it now.
             held = os.fstat(self.fd).st_size
+            os.utime(self.fd)  # resumed now: the age limit counts from here
             offset = held if held <= size else 0
             # Resume: the digest runs over the bytes we already hold.
             self.digest = hash_fd(self.fd, offset, store.progress)
@@ -257,6 +258,89 @@ def _lock_partial(partial_fd: int, name: str, *, create: bool) -> int | None:
     raise PartialBusy(name)
 
 
+@dataclass(frozen=True)
+class PartialUsage:
+    """What ``.dlogd-partial/`` holds: partials that hold data, and what a tidy removed."""
+
+    files: int = 0
+    bytes: int = 0
+    removed: int = 0
+    removed_bytes: int = 0
+
+    def __add__(self, other: PartialUsage) -> PartialUsage:
+        return PartialUsage(
+            self.files + other.files,
+            self.bytes + other.bytes,
+            self.removed + other.removed,
+            self.removed_bytes + other.removed_bytes,
+        )
+
+
+def tidy_partials(directory: str, max_age: float, now: float | None) -> PartialUsage:
+    """Remove the partials of ``directory`` nobody can resume, and measure the rest
+    (``now`` None: only measure, removing nothing).
+
+    Removed: an empty partial (resuming it is the same as starting afresh) and
+    one not written for ``max_age`` seconds (its sender gave up, or changed the
+    file). A partial an upload holds (locked) is never touched. Cheap enough to
+    run as each receive instance starts: one directory read and a stat per
+    partial, and the partials are bounded by the caps this measures for.
+    A directory not made yet holds nothing; it is not created here.
+    """
+    try:
+        dir_fd = open_directory(directory, create=False)
+    except StoreError:
+        return PartialUsage()
+    try:
+        try:
+            partial_fd = os.open(PARTIAL_DIR, DIR_FLAGS, dir_fd=dir_fd)
+        except OSError:
+            return PartialUsage()
+        try:
+            return _tidy(partial_fd, max_age, now)
+        finally:
+            os.close(partial_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _tidy(partial_fd: int, max_age: float, now: float | None) -> PartialUsage:
+    """``now`` None: only measure."""
+    usage = PartialUsage()
+    with os.scandir(partial_fd) as entries:
+        for entry in entries:
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if not stat.S_ISREG(st.st_mode) or (st.st_size == 0 and now is None):
+                continue
+            stale = now is not None and (st.st_size == 0 or now - st.st_mtime > max_age)
+            if stale and _remove_unheld(partial_fd, entry.name, max_age, now or 0.0):
+                usage += PartialUsage(removed=1, removed_bytes=st.st_size)
+            elif st.st_size:
+                usage += PartialUsage(files=1, bytes=st.st_size)
+    return usage
+
+
+def _remove_unheld(partial_fd: int, name: str, max_age: float, now: float) -> bool:
+    try:
+        fd = _lock_partial(partial_fd, name, create=False)
+    except (PartialBusy, OSError):
+        return False  # an upload holds it, or it is not ours to judge
+    if fd is None:
+        return False
+    try:
+        # Judged again under the lock: its last holder may have written to it.
+        st = os.fstat(fd)
+        if st.st_size and now - st.st_mtime <= max_age:
+            return False
+        os.unlink(name, dir_fd=partial_fd)
+        return True
+    finally:
+        os.close(fd)
+
+
 class Store:
     """One (keyword, sending host) directory on the collector."""
 
@@ -280,6 +364,26 @@ class Store:
             upload.close()
         os.close(self.partial_fd)
         os.close(self.dir_fd)
+
+    def partial_usage(self) -> PartialUsage:
+        """The partials here that hold data (empty ones are transient and bounded
+        by the window; they are removed when their connection ends)."""
+        try:
+            return _tidy(self.partial_fd, 0.0, None)
+        except OSError as exc:
+            raise StoreError(
+                f"{self.directory}: {exc.strerror}", temporary=_temporary(exc)
+            ) from None
+
+    def holds_partial(self, name: str, size: int, sha256: bytes) -> bool:
+        """Is there a partial of this offer to resume (so no new one is needed)?"""
+        try:
+            st = os.stat(
+                partial_name(name, sha256, size), dir_fd=self.partial_fd, follow_symlinks=False
+            )
+        except OSError:
+            return False
+        return stat.S_ISREG(st.st_mode) and st.st_size > 0
 
     def offer(self, name: str, size: int, sha256: bytes) -> Offered:
         """Is this file here already, partly here, or new?"""

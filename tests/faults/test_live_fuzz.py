@@ -147,11 +147,6 @@ def test_live_socket_activated_collector_fuzz(
     tally.assert_clean()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="issue 9 item 3: every aborted session leaves its partials behind",
-)
 def test_partials_from_hostile_sessions_stay_bounded(
     site: Site, standalone: Collector, capsys: pytest.CaptureFixture[str]
 ) -> None:
