@@ -18,6 +18,7 @@ and no acknowledgement is ever sent before its file is durable.
 from __future__ import annotations
 
 import argparse
+import errno
 import socket
 import sys
 import threading
@@ -447,22 +448,78 @@ def _peer_address(sock: socket.socket) -> tuple[str | None, str]:
     return None, str(address)
 
 
-def serve_standalone(address: str, port: int, config: ServerConfig) -> None:
-    """Development mode: our own listening socket, a thread per connection."""
+DEFAULT_MAX_CONNECTIONS = 64  # as dlogd-receive.socket's MaxConnections=
+ACCEPT_BACKOFF = (0.05, 2.0)  # seconds: first and longest pause after accept() fails
+
+
+def serve_standalone(
+    address: str, port: int, config: ServerConfig, max_connections: int = DEFAULT_MAX_CONNECTIONS
+) -> None:
+    """Development mode: our own listening socket, a thread per connection.
+
+    At most ``max_connections`` run at once (systemd's ``MaxConnections=`` does
+    this for the socket-activated collector): at the limit we stop accepting,
+    and the kernel's backlog holds the next peers until a connection ends. An
+    ``accept()`` that fails for want of descriptors or memory (EMFILE, ENFILE,
+    ENOBUFS, ENOMEM) is journalled and retried after a growing pause, so
+    idle peers can never end the listener.
+    """
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    slots = threading.BoundedSemaphore(max_connections)
     with socket.socket(family, socket.SOCK_STREAM) as server:
         server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         server.bind((address, port))
         server.listen(STANDALONE_BACKLOG)
         print(f"dlogd-receive: listening on {address}:{server.getsockname()[1]}", flush=True)
+        pause = 0.0
         while True:
-            conn, _ = server.accept()
-            threading.Thread(target=_serve_closing, args=(conn, config), daemon=True).start()
+            if not slots.acquire(blocking=False):
+                _listener_note(f"at the limit of {max_connections} connections: waiting", "LIMIT")
+                slots.acquire()
+            try:
+                conn, _ = server.accept()
+            except OSError as exc:
+                slots.release()
+                if exc.errno not in _ACCEPT_EXHAUSTED:
+                    if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EINTR):
+                        continue  # that peer is gone; the next one may be fine
+                    raise
+                pause = min(max(pause * 2, ACCEPT_BACKOFF[0]), ACCEPT_BACKOFF[1])
+                _listener_note(
+                    f"accept failed: {exc.strerror}; retrying in {pause:g}s",
+                    errno.errorcode.get(exc.errno or 0, "OSError"),
+                )
+                time.sleep(pause)
+                continue
+            pause = 0.0
+            try:
+                threading.Thread(
+                    target=_serve_closing, args=(conn, config, slots), daemon=True
+                ).start()
+            except RuntimeError as exc:  # no thread to be had: drop this one, keep listening
+                conn.close()
+                slots.release()
+                _listener_note(f"cannot serve a connection: {exc}", "THREAD")
 
 
-def _serve_closing(conn: socket.socket, config: ServerConfig) -> None:
-    with conn:
-        serve(conn, config)
+_ACCEPT_EXHAUSTED = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+
+
+def _listener_note(what: str, reason: str) -> None:
+    journal.send(
+        f"dlogd-receive listener: {what}",
+        message_id=journal.RECEIVE_REFUSED,
+        priority=4,
+        reason=reason,
+    )
+
+
+def _serve_closing(conn: socket.socket, config: ServerConfig, slots: threading.Semaphore) -> None:
+    try:
+        with conn:
+            serve(conn, config)
+    finally:
+        slots.release()
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -476,7 +533,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="ADDRESS:PORT",
         help="without socket activation: listen here (development); port 0 picks one",
     )
+    parser.add_argument(
+        "--max-connections",
+        metavar="N",
+        type=_positive,
+        default=DEFAULT_MAX_CONNECTIONS,
+        help="with --listen: connections served at once, more wait (default %(default)s;"
+        " under systemd, MaxConnections= of dlogd-receive.socket decides)",
+    )
     return parser.parse_args(argv)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not at least 1")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -488,7 +563,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def standalone() -> int:
         address, _, port = args.listen.rpartition(":")
-        serve_standalone(address.strip("[]") or "127.0.0.1", int(port), loaded)
+        host = address.strip("[]") or "127.0.0.1"
+        serve_standalone(host, int(port), loaded, args.max_connections)
         return 0
 
     return activation.run(
