@@ -233,6 +233,7 @@ class Session:
             full = self._partials_full(store, offer)
             if full is not None:
                 return self._refuse(offer, Code.TEMPORARY_FAILURE, full)
+            store.check_space(offer.name, offer.size, offer.sha256)
             upload = store.begin(offer.name, offer.size, offer.sha256)
         except StoreError as exc:
             code = _store_code(exc)

@@ -375,6 +375,35 @@ class Store:
                 f"{self.directory}: {exc.strerror}", temporary=_temporary(exc)
             ) from None
 
+    def check_space(self, name: str, size: int, sha256: bytes) -> None:
+        """Refuse, for now, an offer whose remaining bytes the file system cannot take.
+
+        Asked at the offer, so a sender is not made to send the data of a file
+        only to hear FAILED at its end (and again on every retry). Counts what
+        an unprivileged writer may use (f_bavail) less what the partial of this
+        offer already holds; other uploads may still take the room meanwhile,
+        so a write can still fail with ENOSPC and is handled where it does.
+        """
+        try:
+            held = os.stat(
+                partial_name(name, sha256, size), dir_fd=self.partial_fd, follow_symlinks=False
+            ).st_size
+        except OSError:
+            held = 0
+        try:
+            fs = os.fstatvfs(self.partial_fd)
+        except OSError as exc:
+            raise StoreError(
+                f"{self.directory}: {exc.strerror}", temporary=_temporary(exc)
+            ) from None
+        free = fs.f_bavail * fs.f_frsize
+        needed = max(size - held, 0)
+        if needed > free:
+            raise StoreError(
+                f"{name}: {needed} bytes to receive, {free} free in {self.directory}",
+                temporary=True,
+            )
+
     def holds_partial(self, name: str, size: int, sha256: bytes) -> bool:
         """Is there a partial of this offer to resume (so no new one is needed)?"""
         try:

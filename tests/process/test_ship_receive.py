@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import socket
 import time
 from pathlib import Path
@@ -762,3 +763,27 @@ def test_a_file_offered_twice_in_one_window_is_stored_then_already_stored(
     ], answers
     assert (site.store_dir() / "twice.log").read_bytes() == data
     assert visible_files(site.store_dir()) == ["twice.log"]
+
+
+def test_an_offer_the_disk_cannot_take_is_refused_before_its_data(site: Site) -> None:
+    """Refused for now at the offer (issue 9 item 10): a full disk must not make the
+    shipper send the data first, on every retry, only to be told FAILED."""
+    collector = site.start(max_file_size="1000T")
+    fs = os.statvfs(site.root)
+    too_big = fs.f_bavail * fs.f_frsize + (1 << 30)
+    sender = raw_sender(site, collector)
+    try:
+        answer = sender.offer(Offer(1, KEYWORD, "huge.log", too_big, hashlib.sha256().digest()))
+    finally:
+        sender.close()
+    assert isinstance(answer, Refuse) and answer.code == Code.TEMPORARY_FAILURE, answer
+    assert "free in" in answer.message
+    wait_for(
+        lambda: any(
+            r.get("file") == "huge.log" and r.get("reason") == "TEMPORARY_FAILURE"
+            for r in collector.records()
+        ),
+        10,
+        "the refusal journalled",
+    )
+    assert partials(site.store_dir()) == []
