@@ -4,16 +4,17 @@ Layout under the root (default /var/spool/dlogd; docs/spool.md has the why)::
 
     <root>/<keyword>/<entry>               the file: hard link to the caller's inode, or a copy
     <root>/<keyword>/.owed/<entry>/<host>  one empty marker per destination still owed a copy
-    <root>/<keyword>/.owed/<entry>/.source who submitted which file (recognises a resubmit)
-    <root>/<keyword>/.owed/.id-<key>       symlink (never followed) to the entry of that source
+    <root>/<keyword>/.ident/<key>          "<entry> <source record>": who submitted which file
+    <root>/<keyword>/.ident/@<entry>       "<key>": the way back, to drop the index with the entry
     <root>/<keyword>/.owed/.new-*          marker sets being built (renamed into place)
     <root>/<keyword>/.tmp/                 copies being written (O_TMPFILE, else temp names)
     <root>/.retry/<host>.json              the shipper's backoff per collector (``backoff``)
     <root>/.drain.lock                     held (flock) by the one drain running
 
-Order of an add: markers (and the ``.source`` record) built and fsynced under a
-temporary name, renamed to ``.owed/<entry>`` (which also claims the entry name),
-the ``.id-`` index link made, ``.owed`` fsynced, then the entry linked into place. The keyword directory is fsynced by :meth:`Spool.commit`
+Order of an add: markers built and fsynced under a temporary name, renamed to
+``.owed/<entry>`` (which also claims the entry name), ``.owed`` fsynced, the
+``.ident`` links made (a resubmit is recognised by them), then the entry linked
+into place. The keyword directory is fsynced by :meth:`Spool.commit`
 so that a batch pays for one flush. A crash therefore leaves at worst an owed
 directory without an entry (removed by :meth:`Spool.cleanup`), never an entry that
 nobody ships, never a half-written one.
@@ -53,8 +54,8 @@ DRAIN_LOCK = ".drain.lock"
 RETRY_DIR = ".retry"
 _TMP = ".tmp"
 _NEW_PREFIX = ".new-"
-_ID_PREFIX = ".id-"
-_SOURCE = ".source"
+_IDENT = ".ident"  # symlinks used as small atomic records: only ever readlink()ed
+_BACK = "@"
 _MAX_COLLISIONS = 100_000
 _COPY_CHUNK = 64 * 1024 * 1024
 # Link failures that a copy can work around: other file system, protected_hardlinks
@@ -123,28 +124,17 @@ class _Source:
 
     def index_name(self) -> str:
         who = f"{self.uid} {self.keyword} {self.dev} {self.ino} {self.size} {self.mtime_ns}"
-        return _ID_PREFIX + hashlib.sha256(who.encode()).hexdigest()[:32]
+        return hashlib.sha256(who.encode()).hexdigest()[:32]
 
     def record(self) -> str:
         fields = (self.uid, self.keyword, self.dev, self.ino, self.size, self.mtime_ns)
-        return " ".join(map(str, (*fields, self.ctime_ns))) + "\n"
+        return " ".join(map(str, (*fields, self.ctime_ns)))
 
     def matches(self, recorded: str, entry: os.stat_result) -> bool:
         if recorded == self.record():
             return True
         linked = (entry.st_dev, entry.st_ino) == (self.dev, self.ino)
         return linked and recorded.rsplit(" ", 1)[0] == self.record().rsplit(" ", 1)[0]
-
-    @classmethod
-    def index_of(cls, recorded: str) -> str | None:
-        """The index name a ``.source`` record was filed under (None if unreadable)."""
-        try:
-            uid, keyword, dev, ino, size, mtime, ctime = recorded.split()
-            return cls(
-                int(uid), keyword, int(dev), int(ino), int(size), int(mtime), int(ctime)
-            ).index_name()
-        except ValueError:
-            return None
 
 
 def _check_name(kind: str, value: str, pattern: re.Pattern[str]) -> None:
@@ -164,8 +154,22 @@ class _KeywordDir:
             self.close()
             raise
 
+    def ident(self, *, create: bool) -> int | None:
+        """The ``.ident`` directory, made only by the first add that records a source."""
+        fd: int = getattr(self, "_ident", -1)
+        if fd < 0:
+            try:
+                if create:
+                    fd = _open_dir(self.fd, _IDENT)
+                else:
+                    fd = os.open(_IDENT, DIR_FLAGS, dir_fd=self.fd)
+            except FileNotFoundError:
+                return None
+            self._ident = fd
+        return fd
+
     def close(self) -> None:
-        for name in ("tmp", "owed", "fd"):
+        for name in ("_ident", "tmp", "owed", "fd"):
             fd = getattr(self, name, -1)
             if fd >= 0:
                 os.close(fd)
@@ -329,37 +333,61 @@ class Spool:
         new = f"{_NEW_PREFIX}{os.getpid()}-{time.monotonic_ns()}"
         os.mkdir(new, 0o700, dir_fd=kdir.owed)
         try:
-            _fill_markers(kdir.owed, new, hosts, None if source is None else source.record())
+            _fill_markers(kdir.owed, new, hosts)
             name = self._rename_to_free_name(kdir, new, basename, now)
         except BaseException:
             _remove_tree(kdir.owed, new)
             raise
-        if source is not None:
-            try:
-                _set_index(kdir.owed, source.index_name(), name)
-            except BaseException:
-                _remove_owed(kdir, name)
-                raise
-        os.fsync(kdir.owed)  # the claim and its index link in one flush
+        os.fsync(kdir.owed)
+        try:
+            self._index(kdir, name, source)
+        except BaseException:
+            _remove_owed(kdir, name)
+            raise
         return name
+
+    def _index(self, kdir: _KeywordDir, name: str, source: _Source | None) -> None:
+        """Record which source ``name`` was spooled from, before the entry is linked.
+
+        Durable with the batch's commit (the answer waits for it). A claim that
+        records nothing still clears a way-back link a crash may have left for
+        this name, so no old record is taken for this entry's.
+        """
+        ident = kdir.ident(create=source is not None)
+        if ident is None:
+            return
+        if source is None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(_BACK + name, dir_fd=ident)
+        else:
+            key = source.index_name()
+            _set_link(ident, key, f"{name} {source.record()}")
+            _set_link(ident, _BACK + name, key)
+        self._touched[ident] = None
 
     def _resubmitted(self, kdir: _KeywordDir, source: _Source) -> Added | None:
         """The pending entry this same unchanged source was spooled as, if any.
 
-        The index link only points; the entry must exist and its ``.source``
-        record must match, so a stale link (crash, a reused name) finds nothing.
+        The entry must exist, its way-back link must name this key (so a name
+        reused after a crash left a stale record finds nothing), and the record
+        must match the source as it is now.
         """
-        try:
-            name = os.readlink(source.index_name(), dir_fd=kdir.owed)
-            entry = os.stat(name, dir_fd=kdir.fd, follow_symlinks=False)
-            recorded = _read_source(kdir.owed, name)
-        except (FileNotFoundError, NotADirectoryError, OSError):
+        ident = kdir.ident(create=False)
+        if ident is None:
             return None
-        if not stat.S_ISREG(entry.st_mode) or not source.matches(recorded, entry):
+        key = source.index_name()
+        try:
+            name, _, recorded = os.readlink(key, dir_fd=ident).partition(" ")
+            entry = os.stat(name, dir_fd=kdir.fd, follow_symlinks=False)
+            back = os.readlink(_BACK + name, dir_fd=ident)
+        except (OSError, ValueError):
+            return None
+        if back != key or not stat.S_ISREG(entry.st_mode) or not source.matches(recorded, entry):
             return None
         # The first answer may have been lost before its commit: flush again.
         self._touched[kdir.owed] = None
         self._touched[kdir.fd] = None
+        self._touched[ident] = None
         linked = (entry.st_dev, entry.st_ino) == (source.dev, source.ino)
         return Added(source.keyword, name, source.size, copied=not linked, resubmit=True)
 
@@ -603,6 +631,10 @@ class Spool:
             self._finish(kdir, entry.name)
 
     def _finish(self, kdir: _KeywordDir, name: str) -> None:
+        # The index first: a crash after it costs at most the recognition of a
+        # resubmit of an entry already delivered.
+        if (ident := kdir.ident(create=False)) is not None and _drop_index(ident, name):
+            self._touched[ident] = None
         with contextlib.suppress(FileNotFoundError):
             os.unlink(name, dir_fd=kdir.fd)
         # The markers go only after the entry's removal is durable (commit), so
@@ -613,11 +645,6 @@ class Spool:
 
     def _remove_finished(self) -> None:
         for kdir, name in self._finished:
-            # Index link, then record, then the (now empty) directory: a crash in
-            # between leaves a stale link, which matches nothing and cleanup() drops.
-            _drop_index(kdir.owed, name)
-            with contextlib.suppress(FileNotFoundError, NotADirectoryError):
-                os.unlink(f"{name}/{_SOURCE}", dir_fd=kdir.owed)
             try:
                 os.rmdir(name, dir_fd=kdir.owed)
             except OSError as e:
@@ -646,13 +673,9 @@ class Spool:
         removed = 0
         entries = {name for name, _mode in _list(kdir.fd) if not name.startswith(".")}
         for name, mode in _list(kdir.owed):
-            if stat.S_ISLNK(mode):  # index links, and ones a crash left half-made
-                removed += _drop_stale_index(kdir, name, entries)
-                continue
             if not stat.S_ISDIR(mode):
                 continue
             if name.startswith(_NEW_PREFIX) or name not in entries:
-                _drop_index(kdir.owed, name)
                 _remove_tree(kdir.owed, name)
                 removed += 1
             elif not _has_entries(kdir.owed, name):
@@ -665,6 +688,8 @@ class Spool:
         if removed:
             self._touched[kdir.owed] = None
             self._touched[kdir.tmp] = None
+        if (ident := kdir.ident(create=False)) is not None and _drop_stale_links(ident, entries):
+            self._touched[ident] = None  # not counted: part of the claims counted above
         return removed
 
 
@@ -756,20 +781,12 @@ def _fsync_source(fd: int) -> None:
             raise
 
 
-def _fill_markers(owed_fd: int, name: str, hosts: Sequence[str], source: str | None = None) -> None:
-    """One empty marker per host in the marker directory ``name`` (and the ``.source``
-    record, if given), made durable."""
+def _fill_markers(owed_fd: int, name: str, hosts: Sequence[str]) -> None:
+    """One empty marker per host in the marker directory ``name``, made durable."""
     fd = os.open(name, DIR_FLAGS, dir_fd=owed_fd)
     try:
         for host in dict.fromkeys(hosts):
             _create_empty(host, fd)
-        if source is not None:
-            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-            out = os.open(_SOURCE, flags, 0o600, dir_fd=fd)
-            try:
-                os.write(out, source.encode())
-            finally:
-                os.close(out)
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -829,58 +846,60 @@ def _remove_tree(parent_fd: int, name: str) -> None:
 def _remove_owed(kdir: _KeywordDir, name: str) -> None:
     # On failure cleanup() takes it: an owed dir without entry is an orphan.
     with contextlib.suppress(OSError):
-        _drop_index(kdir.owed, name)
+        if (ident := kdir.ident(create=False)) is not None:
+            _drop_index(ident, name)
         _remove_tree(kdir.owed, name)
 
 
-def _read_source(owed_fd: int, name: str) -> str:
-    """The ``.source`` record of entry ``name`` (OSError if it has none)."""
-    fd = os.open(f"{name}/{_SOURCE}", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=owed_fd)
-    try:
-        return os.read(fd, 512).decode("ascii", "replace")
-    finally:
-        os.close(fd)
+def _set_link(dir_fd: int, name: str, value: str) -> None:
+    """Make ``name`` a symlink holding ``value``, replacing one that is there atomically.
 
-
-def _set_index(owed_fd: int, index: str, name: str) -> None:
-    """Point the index link ``index`` at entry ``name``, replacing a stale one atomically.
-
-    Only ever read with readlink(): the link is a record, never a path followed.
+    A symlink is a small record written in one call; it is only ever read with
+    readlink() and never resolved (its value is not a path anything follows).
     """
     try:
-        os.symlink(name, index, dir_fd=owed_fd)
+        os.symlink(value, name, dir_fd=dir_fd)
         return
     except FileExistsError:
-        pass  # stale (the caller found no pending entry behind it) or a racing twin
+        pass  # stale (a crash, or an entry gone) or a racing twin: replace it
     tmp = f"{_NEW_PREFIX}{os.getpid()}-{time.monotonic_ns()}"
-    os.symlink(name, tmp, dir_fd=owed_fd)
+    os.symlink(value, tmp, dir_fd=dir_fd)
     try:
-        os.rename(tmp, index, src_dir_fd=owed_fd, dst_dir_fd=owed_fd)
+        os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     except BaseException:
         with contextlib.suppress(OSError):
-            os.unlink(tmp, dir_fd=owed_fd)
+            os.unlink(tmp, dir_fd=dir_fd)
         raise
 
 
-def _drop_index(owed_fd: int, name: str) -> None:
-    """Remove the index link of entry ``name``, if it still points there."""
+def _drop_index(ident: int, name: str) -> bool:
+    """Remove entry ``name``'s index links (the key only if it still names this entry)."""
     try:
-        index = _Source.index_of(_read_source(owed_fd, name))
-        if index is not None and os.readlink(index, dir_fd=owed_fd) == name:
-            os.unlink(index, dir_fd=owed_fd)
-    except (FileNotFoundError, NotADirectoryError):
-        pass
-
-
-def _drop_stale_index(kdir: _KeywordDir, index: str, entries: set[str]) -> int:
-    """cleanup(): an index link whose entry is gone (crash mid add or mid removal)."""
-    try:
-        if index.startswith(_ID_PREFIX) and os.readlink(index, dir_fd=kdir.owed) in entries:
-            return 0
-        os.unlink(index, dir_fd=kdir.owed)
+        key = os.readlink(_BACK + name, dir_fd=ident)
     except FileNotFoundError:
-        return 0
-    return 1
+        return False
+    with contextlib.suppress(FileNotFoundError):
+        if os.readlink(key, dir_fd=ident).partition(" ")[0] == name:
+            os.unlink(key, dir_fd=ident)
+    os.unlink(_BACK + name, dir_fd=ident)
+    return True
+
+
+def _drop_stale_links(ident: int, entries: set[str]) -> int:
+    """cleanup(): links whose entry is gone (a crash mid add or mid removal), half-made ones."""
+    dropped = 0
+    for link in os.listdir(ident):
+        try:
+            value = os.readlink(link, dir_fd=ident)
+        except FileNotFoundError:
+            continue
+        except OSError:  # not a symlink: nothing the spool made; leave it
+            continue
+        name = link[len(_BACK) :] if link.startswith(_BACK) else value.partition(" ")[0]
+        if link.startswith(_NEW_PREFIX) or name not in entries:
+            os.unlink(link, dir_fd=ident)
+            dropped += 1
+    return dropped
 
 
 def _warn(what: str, keyword: str, name: str) -> None:

@@ -453,14 +453,21 @@ def test_copied_source_whose_ctime_moved_is_a_new_entry(spool: Spool, tmp_path: 
 def test_delivered_entry_leaves_no_index_behind(spool: Spool, tmp_path: Path) -> None:
     src = write(tmp_path / "app.log", b"data")
     first = submit(spool, src)
+    assert len(os.listdir(tmp_path / "spool/audit/.ident")) == 2  # the key and the way back
     (entry,) = spool.pending()
     spool.acknowledge(entry, "logs1")
     spool.commit()
     assert os.listdir(tmp_path / "spool/audit/.owed") == []
+    assert os.listdir(tmp_path / "spool/audit/.ident") == []
     assert entries(tmp_path / "spool") == []
     # Once delivered, the spool no longer knows it: a later submit is a new entry.
     assert not submit(spool, src).resubmit
     assert first.name in entries(tmp_path / "spool")  # the name was free again
+
+
+def test_markers_stay_one_file_per_host(spool: Spool, tmp_path: Path) -> None:
+    added = submit(spool, write(tmp_path / "app.log", b"data"))
+    assert os.listdir(tmp_path / "spool/audit/.owed" / added.name) == ["logs1"]
 
 
 def test_index_without_its_entry_matches_nothing_and_cleanup_drops_it(
@@ -468,23 +475,37 @@ def test_index_without_its_entry_matches_nothing_and_cleanup_drops_it(
 ) -> None:
     src = write(tmp_path / "app.log", b"data")
     first = submit(spool, src, copy=True)
-    owed = tmp_path / "spool/audit/.owed"
+    ident = tmp_path / "spool/audit/.ident"
     (tmp_path / "spool/audit" / first.name).unlink()  # a crash after the claim, before the link
-    (index,) = [p.name for p in owed.iterdir() if p.name.startswith(".id-")]
-    os.symlink("x", owed / ".new-1-2")  # a crash while replacing an index link
+    os.symlink("x", ident / ".new-1-2")  # a crash while replacing a link
     again = submit(spool, src, copy=True)
     assert not again.resubmit and again.name != first.name
-    assert os.readlink(owed / index) == again.name  # the stale link was replaced
-    assert spool.cleanup() == 2  # the orphan owed dir and the half-made link
-    assert sorted(p.name for p in owed.iterdir()) == [index, again.name]
+    assert spool.cleanup() == 1  # the orphan claim (its links go with it)
+    links = {p.name: os.readlink(p) for p in ident.iterdir()}
+    assert sorted(links) == sorted([f"@{again.name}", links[f"@{again.name}"]])
+    assert links[links[f"@{again.name}"]].startswith(f"{again.name} ")
     assert submit(spool, src, copy=True).name == again.name
 
 
-def test_index_pointing_at_another_entry_matches_nothing(spool: Spool, tmp_path: Path) -> None:
+def test_a_reused_name_does_not_take_an_old_record(spool: Spool, tmp_path: Path) -> None:
+    """A stale key link naming an entry that now belongs to another file finds nothing."""
     a = submit(spool, write(tmp_path / "a.log", b"a"), copy=True)
     b = submit(spool, write(tmp_path / "b.log", b"b"), copy=True)
-    owed = tmp_path / "spool/audit/.owed"
-    (index_a,) = [p for p in owed.iterdir() if os.path.islink(p) and os.readlink(p) == a.name]
-    index_a.unlink()
-    os.symlink(b.name, index_a)  # e.g. a name reused after delivery
+    ident = tmp_path / "spool/audit/.ident"
+    key_a = os.readlink(ident / f"@{a.name}")
+    record_a = os.readlink(ident / key_a).partition(" ")[2]
+    (ident / key_a).unlink()
+    os.symlink(f"{b.name} {record_a}", ident / key_a)  # as if a.log had been spooled as b's name
     assert not submit(spool, tmp_path / "a.log", copy=True).resubmit
+
+
+def test_cleanup_drops_a_way_back_link_without_its_entry(spool: Spool, tmp_path: Path) -> None:
+    first = submit(spool, write(tmp_path / "a.log", b"a"), copy=True)
+    ident = tmp_path / "spool/audit/.ident"
+    (entry,) = spool.pending()
+    os.symlink("stale", ident / "@x")  # what a crash mid removal could leave
+    spool.acknowledge(entry, "logs1")
+    spool.commit()
+    spool.cleanup()
+    assert os.listdir(ident) == []
+    assert first.name not in entries(tmp_path / "spool")
