@@ -16,6 +16,7 @@ no schema, no TLS, no ``systemd.journal`` on this path.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import fcntl
 import grp
@@ -38,6 +39,7 @@ from dlogd.config import (
     load_logged,
 )
 from dlogd.crash import crash_point
+from dlogd.fsutil import DIR_FLAGS
 from dlogd.names import BadBasename, entry_basename
 from dlogd.spool import Added, Spool
 from dlogd.submitwire import Request, Response, SubmitCode, WireError
@@ -56,7 +58,34 @@ class BadRequest(Exception):
 
 
 class Disconnected(Exception):
-    """The client went away (or stalled past the timeout) in the middle of a request."""
+    """The connection ends without an answer to what was in progress; ``why`` is a
+    token for the journal: timeout, reset, half-header, half-request, or a spent
+    budget (budget-requests, budget-time)."""
+
+    def __init__(self, why: str, detail: str) -> None:
+        super().__init__(detail)
+        self.why = why
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What one connection may use whatever the timing of its requests (issue 9 item 6).
+
+    The timeout is reset by every request, so without this a client sending one
+    request every few seconds would hold an instance for ever, and 64 of them
+    (``MaxConnections=64`` in dlogd-submit.socket) every other user's submits.
+    ``seconds`` stays under the unit's ``RuntimeMaxSec=10min``, so the service
+    ends a connection itself, between batches, answered, rather than being
+    killed in the middle of one. ``per_uid`` concurrent connections per caller
+    uid keep one user from taking every slot; a connection over it waits up to
+    ``slot_wait`` for one (a burst of short submits by one user is normal),
+    then is refused.
+    """
+
+    requests: int = 100_000
+    seconds: float = 300.0
+    per_uid: int = 16
+    slot_wait: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -135,15 +164,27 @@ def _peer_groups(sock: socket.socket) -> frozenset[int]:
 
 
 class Stream:
-    """Reads exact byte counts with descriptors attached, under one deadline per request."""
+    """Reads exact byte counts with descriptors attached: one deadline per request,
+    never past the connection's budget."""
 
-    def __init__(self, sock: socket.socket, timeout: float) -> None:
+    def __init__(self, sock: socket.socket, timeout: float, budget: Budget = Budget()) -> None:
         self.sock = sock
         self.timeout = timeout
         self.deadline = 0.0
+        self.budget = budget
+        self.ends = time.monotonic() + budget.seconds
+        self.requests = 0
 
     def start_request(self) -> None:
-        self.deadline = time.monotonic() + self.timeout
+        if self.requests >= self.budget.requests:
+            raise Disconnected("budget-requests", f"{self.requests} requests on one connection")
+        self.requests += 1
+        self.deadline = min(time.monotonic() + self.timeout, self.ends)
+
+    def _timed_out(self) -> Disconnected:
+        if self.deadline >= self.ends:
+            return Disconnected("budget-time", f"connection open {self.budget.seconds:g} s")
+        return Disconnected("timeout", f"no progress for {self.timeout:g} s")
 
     def read(self, count: int, fds: list[int]) -> bytes:
         """Up to ``count`` bytes (fewer only at end of stream); descriptors go to ``fds``."""
@@ -152,16 +193,16 @@ class Stream:
         while len(data) < count:
             remaining = self.deadline - time.monotonic()
             if remaining <= 0:
-                raise Disconnected("timed out")
+                raise self._timed_out()
             self.sock.settimeout(remaining)
             try:
                 chunk, anc, flags, _ = self.sock.recvmsg(
                     count - len(data), space, socket.MSG_CMSG_CLOEXEC
                 )
             except TimeoutError:
-                raise Disconnected("timed out") from None
+                raise self._timed_out() from None
             except (ConnectionResetError, BrokenPipeError):
-                raise Disconnected("connection reset") from None
+                raise Disconnected("reset", "connection reset") from None
             fds.extend(_fds_in(anc))
             if flags & socket.MSG_CTRUNC:
                 raise BadRequest("too many descriptors (control message truncated)")
@@ -199,12 +240,12 @@ def read_request(stream: Stream) -> Received | None:
         if not header and not fds:
             return None
         if len(header) < submitwire.REQUEST_HEADER.size:
-            raise Disconnected("end of stream inside a request header")
+            raise Disconnected("half-header", "end of stream inside a request header")
         header_fds = len(fds)
         klen, plen = submitwire.parse_request_header(header)
         body = stream.read(klen + plen, fds)
         if len(body) < klen + plen:
-            raise Disconnected("end of stream inside a request")
+            raise Disconnected("half-request", "end of stream inside a request")
         if header_fds != 1 or len(fds) != 1:
             raise BadRequest(f"expected one descriptor with the header, got {len(fds)}")
         received = Received(submitwire.parse_request_body(body, klen), fds.pop())
@@ -308,24 +349,78 @@ def _spool_failure(e: OSError, size: int) -> RequestRefused:
 
 
 def serve_connection(
-    sock: socket.socket, config: ClientConfig | None, config_error: str = ""
+    sock: socket.socket,
+    config: ClientConfig | None,
+    config_error: str = "",
+    *,
+    budget: Budget = Budget(),
 ) -> None:
-    """Answer every request on ``sock`` until end of stream, error or timeout."""
+    """Answer every request on ``sock`` until end of stream, error, timeout or budget."""
     limits = config.limits if config is not None else Limits()
-    stream = Stream(sock, limits.timeout)
+    stream = Stream(sock, limits.timeout, budget)
     peer = peer_of(sock)
     if config is None:
-        _refuse_all(stream, peer, config_error)
+        _refuse_all(stream, peer, SubmitCode.INTERNAL, f"service misconfigured: {config_error}")
         return
     try:
         spool = Spool(config.spool, create=True)
     except OSError as e:
-        _refuse_all(stream, peer, f"spool {config.spool}: {os.strerror(e.errno or 0)}")
+        reason = f"spool {config.spool}: {os.strerror(e.errno or 0)}"
+        _refuse_all(stream, peer, SubmitCode.INTERNAL, f"service misconfigured: {reason}")
         return
     with spool:
-        handler = Handler(config, spool, peer)
-        while _serve_batch(stream, handler, spool, peer, limits.max_batch):
-            pass
+        slot = _wait_for_slot(spool.root_fd, peer.uid, budget)
+        if slot is None:
+            _report_dropped("uid-limit", f"{budget.per_uid} connections of uid {peer.uid}", peer)
+            message = (
+                f"uid {peer.uid} already has {budget.per_uid} submit connections open:"
+                " retry after one of them ends"
+            )
+            _refuse_all(stream, peer, SubmitCode.TEMPORARY_FAILURE, message, first_only=True)
+            return
+        try:
+            handler = Handler(config, spool, peer)
+            while _serve_batch(stream, handler, spool, peer, limits.max_batch):
+                pass
+        finally:
+            os.close(slot)
+
+
+CONNECTION_SLOTS = ".connections"
+
+
+def _wait_for_slot(root_fd: int, uid: int, budget: Budget) -> int | None:
+    waited_until = time.monotonic() + budget.slot_wait
+    while (slot := _take_slot(root_fd, uid, budget.per_uid)) is None:
+        if time.monotonic() >= waited_until:
+            return None
+        time.sleep(0.05)  # slots are flocks: nothing to wait on but time
+    return slot
+
+
+def _take_slot(root_fd: int, uid: int, limit: int) -> int | None:
+    """One of ``limit`` per-uid slots: an flock on ``<spool>/.connections/<uid>.<n>``.
+
+    A lock, not a count, so that a killed instance frees its slot with its
+    process and nothing needs repair. The files stay (at most ``limit`` per uid
+    that ever connected). None when every slot is held.
+    """
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(CONNECTION_SLOTS, 0o700, dir_fd=root_fd)
+    dir_fd = os.open(CONNECTION_SLOTS, DIR_FLAGS, dir_fd=root_fd)
+    try:
+        for n in range(limit):
+            flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+            fd = os.open(f"{uid}.{n}", flags, 0o600, dir_fd=dir_fd)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue
+            return fd
+    finally:
+        os.close(dir_fd)
+    return None
 
 
 def _serve_batch(stream: Stream, handler: Handler, spool: Spool, peer: Peer, limit: int) -> bool:
@@ -333,6 +428,7 @@ def _serve_batch(stream: Stream, handler: Handler, spool: Spool, peer: Peer, lim
     outcomes: list[Handled] = []
     go_on = True
     bad: str | None = None
+    dropped: Disconnected | None = None
     try:
         while len(outcomes) < limit:
             received = read_request(stream)
@@ -347,8 +443,8 @@ def _serve_batch(stream: Stream, handler: Handler, spool: Spool, peer: Peer, lim
                 break
     except BadRequest as e:
         bad, go_on = str(e), False
-    except Disconnected:
-        go_on = False  # nothing of an unfinished request was spooled
+    except Disconnected as e:
+        dropped, go_on = e, False  # nothing of an unfinished request was spooled
     _commit(spool, outcomes)
     try:
         for outcome in outcomes:
@@ -359,6 +455,8 @@ def _serve_batch(stream: Stream, handler: Handler, spool: Spool, peer: Peer, lim
             stream.send(submitwire.encode_response(Response(SubmitCode.BAD_REQUEST, bad)))
     except OSError:
         return False  # the client left: what was committed stays spooled
+    if dropped is not None:
+        _report_dropped(dropped.why, str(dropped), peer)
     return go_on
 
 
@@ -379,14 +477,18 @@ def _commit(spool: Spool, outcomes: list[Handled]) -> None:
                 o.added = None
 
 
-def _refuse_all(stream: Stream, peer: Peer, reason: str) -> None:
-    message = f"service misconfigured: {reason}"
+def _refuse_all(
+    stream: Stream, peer: Peer, code: SubmitCode, message: str, *, first_only: bool = False
+) -> None:
+    """Answer requests with ``code`` until end of stream (or after the first one)."""
     try:
         while (received := read_request(stream)) is not None:
             received.close()
-            outcome = Handled(received.request, Response(SubmitCode.INTERNAL, message))
+            outcome = Handled(received.request, Response(code, message))
             _report(outcome, peer)
             stream.send(submitwire.encode_response(outcome.response))
+            if first_only:
+                return
     except (BadRequest, Disconnected, OSError):
         return
 
@@ -418,6 +520,19 @@ def _report(outcome: Handled, peer: Peer) -> None:
             path=path,
             reason=response.code.name,
         )
+
+
+def _report_dropped(why: str, detail: str, peer: Peer) -> None:
+    """A connection ended with no request in progress answered: say why (issue 9 item 6)."""
+    journal.send(
+        f"connection dropped: {detail}",
+        message_id=journal.SUBMIT_REFUSED,
+        priority=4,
+        reason="CONNECTION_DROPPED",
+        dropped=why,
+        uid=peer.uid,
+        pid=peer.pid,
+    )
 
 
 def _report_bad(reason: str, peer: Peer) -> None:
