@@ -6,8 +6,8 @@ session that is neither answered nor closed within its deadline, collector
 memory bounded, the spool consistent afterwards. Figures (inputs, sessions,
 outcomes, peak RSS, partial usage) are printed. CI runs a short form;
 ``DLOGD_CAMPAIGN=full`` runs 1,000,000+ inputs in memory and 20,000+ live
-sessions. Partial usage is printed here and bounded in its own strict xfail
-test (issue 9 item 3: partials grow without bound).
+sessions. Partial usage is printed here and bounded in its own test (issue 9
+item 3, where this was a strict xfail until the fix).
 """
 
 from __future__ import annotations
