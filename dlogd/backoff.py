@@ -13,7 +13,7 @@ import contextlib
 import json
 import os
 import random
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 from dlogd.config import Retry
 from dlogd.spool import RETRY_DIR
@@ -57,6 +57,24 @@ class RetryState:
         next_attempt = now + delay
         self._write(host, {"failures": failures, "next": next_attempt, "error": reason[:500]})
         return next_attempt
+
+    def tidy(self, owed: Collection[str]) -> None:
+        """Drop state nobody needs: the temporary file of a run killed mid-write,
+        and the backoff of every collector nothing is owed to any more.
+
+        Called under the spool's drain lock, so no other shipper is writing here.
+        """
+        try:
+            names = os.listdir(self.directory)
+        except OSError:
+            return
+        for name in names:
+            stale = name.endswith(".tmp") or (
+                name.endswith(".json") and name.removesuffix(".json") not in owed
+            )
+            if stale:
+                with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+                    os.unlink(os.path.join(self.directory, name))
 
     def _write(self, host: str, state: Mapping[str, object]) -> None:
         tmp = f"{self._path(host)}.{os.getpid()}.tmp"

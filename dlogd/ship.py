@@ -25,12 +25,13 @@ not call that a failure); 1 the drain could not run at all (config, spool).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import socket
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -359,7 +360,9 @@ def drain(config: ClientConfig, *, now: float | None = None) -> list[CollectorRe
         retry = RetryState(config.spool, config.retry)
         shared = SharedSpool(spool)
         try:
-            work, waiting = _assign(config, *plan(spool, config, now), retry, shared, now)
+            owed, held = plan(spool, config, now)
+            retry.tidy({*owed, *held})
+            work, waiting = _assign(config, owed, held, retry, shared, now)
             sending = [f"{len(d.queue)} files to {d.host.name}" for d in work]
             _status("; ".join([f"sending {', '.join(sending)}" if sending else "nothing due"]
                               + [o.summary() for o in waiting]))  # fmt: skip
@@ -473,12 +476,14 @@ def main(argv: list[str] | None = None) -> int:
     _raise_fd_limit()
     try:
         outcomes = drain(config)
+        run = outcomes
         # dlogd-ship.path does not watch while we run: a submit made during the
         # drain would wait for the timer. Look again while the last pass did work.
         for _ in range(MAX_RESCANS):
             if not any(o.delivered or o.duplicates for o in outcomes):
                 break
             again = drain(config)
+            run = whole_run(run, again)
             if not any(o.owed for o in again):
                 break
             outcomes = again
@@ -496,11 +501,34 @@ def main(argv: list[str] | None = None) -> int:
         )
         _status(f"spool error: {exc}")
         return EXIT_FAILED
+    # The exit status is what is still owed (the last pass); the summary is the run.
     pending = [o for o in outcomes if o.pending]
-    _status("; ".join(o.summary() for o in outcomes) or "spool empty")
-    for outcome in outcomes:
+    _status("; ".join(o.summary() for o in run) or "spool empty")
+    for outcome in run:
         print(outcome.summary(), file=sys.stderr)
     return EXIT_RETRY_LATER if pending else EXIT_DELIVERED
+
+
+def whole_run(
+    earlier: Sequence[CollectorResult], later: Sequence[CollectorResult]
+) -> list[CollectorResult]:
+    """Two passes as one: what was sent adds up; what is still owed, held, failing,
+    the error and the next try are the later pass's (a collector the later pass
+    did not meet keeps its earlier result)."""
+    merged = {o.host: o for o in earlier}
+    for result in later:
+        before = merged.get(result.host)
+        if before is None:
+            merged[result.host] = result
+            continue
+        sent = before.delivered + before.duplicates
+        merged[result.host] = dataclasses.replace(
+            result,
+            owed=result.owed + sent,
+            delivered=result.delivered + before.delivered,
+            duplicates=result.duplicates + before.duplicates,
+        )
+    return [merged[h] for h in sorted(merged)]
 
 
 if __name__ == "__main__":
