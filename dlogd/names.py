@@ -40,11 +40,14 @@ SAFE_BYTES: Final = frozenset(
 )
 BASENAME_RE: Final = re.compile(r"[A-Za-z0-9_+,=@%-][A-Za-z0-9._+,=@%-]{0,179}\Z")
 
-# What a collector stores under: the sender never chooses a path.
+# What a collector stores under: the sender never chooses a path. Not starting
+# with "-" either, so that no tool an operator runs on the store reads a stored
+# name as an option; spool entry names (what an honest shipper offers) start
+# with the submit time's digits, so none is refused for it.
 MAX_STORED_NAME: Final = 240  # leaves room for ".conflict-1000" within NAME_MAX
-STORED_NAME_RE: Final = re.compile(r"[A-Za-z0-9_+,=@%-][A-Za-z0-9._+,=@%-]{0,239}\Z")
+STORED_NAME_RE: Final = re.compile(r"[A-Za-z0-9_+,=@%][A-Za-z0-9._+,=@%-]{0,239}\Z")
 STORED_NAME_RULE: Final = (
-    f"1-{MAX_STORED_NAME} of A-Z a-z 0-9 . _ + , = @ % -, not starting with a dot"
+    f"1-{MAX_STORED_NAME} of A-Z a-z 0-9 . _ + , = @ % -, not starting with a dot or a dash"
 )
 MAX_CONFLICTS: Final = 1000
 

@@ -108,7 +108,18 @@ def test_short_and_long_data_refused(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "name",
-    ["../x", ".hidden", "a/b", "nul\0byte", "x" * 300, "", "new\nline", "tab\tname", "é"],
+    [
+        "../x",
+        ".hidden",
+        "a/b",
+        "nul\0byte",
+        "x" * 300,
+        "",
+        "new\nline",
+        "tab\tname",
+        "é",
+        "-rf",  # an option to whatever tool later meets the name unquoted
+    ],
 )
 def test_hostile_names_refused(tmp_path: Path, name: str) -> None:
     store = Store(str(tmp_path))
