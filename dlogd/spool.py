@@ -48,7 +48,7 @@ from dlogd.crash import crash_point
 from dlogd.fsutil import DIR_FLAGS
 from dlogd.names import BASENAME_RE, HOST_RE, KEYWORD_RE, entry_name
 
-_OWED = ".owed"
+OWED_DIR = ".owed"
 TRIGGER = ".submitted"
 DRAIN_LOCK = ".drain.lock"
 RETRY_DIR = ".retry"
@@ -148,7 +148,7 @@ class _KeywordDir:
     def __init__(self, root_fd: int, keyword: str) -> None:
         self.fd = _open_dir(root_fd, keyword)
         try:
-            self.owed = _open_dir(self.fd, _OWED)
+            self.owed = _open_dir(self.fd, OWED_DIR)
             self.tmp = _open_dir(self.fd, _TMP)
         except BaseException:
             self.close()

@@ -26,11 +26,11 @@ import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 
-RETRY_DIR = ".retry"
-STATE_DIR = ".status"
-PARTIAL_DIR = ".dlogd-partial"
-_OWED = ".owed"
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+from dlogd.fsutil import DIR_FLAGS
+from dlogd.spool import OWED_DIR, RETRY_DIR
+from dlogd.store import PARTIAL_DIR
+
+STATE_DIR = ".status"  # the shipper's last-run record per collector (docs/status.md)
 
 OK, WARNING, CRITICAL, UNKNOWN = 0, 1, 2, 3
 _STATE_NAMES = {OK: "OK", WARNING: "WARNING", CRITICAL: "CRITICAL", UNKNOWN: "UNKNOWN"}
@@ -160,7 +160,7 @@ def gather_client(spool: str, hosts: Iterable[str], now: float | None = None) ->
     for kdir in _scandir(spool):
         if kdir.name.startswith(".") or not kdir.is_dir(follow_symlinks=False):
             continue
-        owed_dir = os.path.join(kdir.path, _OWED)
+        owed_dir = os.path.join(kdir.path, OWED_DIR)
         for item in _scandir(kdir.path):
             if item.name.startswith(".") or not item.is_file(follow_symlinks=False):
                 continue
@@ -217,7 +217,7 @@ def gather_server(dirs: Mapping[tuple[str, str], str], now: float | None = None)
 def _stored(host: str, keyword: str, directory: str) -> Stored:
     row = Stored(host, keyword, directory)
     try:
-        os.close(os.open(directory, _DIR_FLAGS))
+        os.close(os.open(directory, DIR_FLAGS))
     except FileNotFoundError:
         return row  # nothing received yet: the directory is made on the first file
     except OSError as exc:
