@@ -92,10 +92,19 @@ class Statement:
     location: Location
 
 
+MAX_SHOWN = 24  # characters of an offending token an error message repeats
+
+
+def _shown(text: str) -> str:
+    """The offending token as an error shows it: never more than MAX_SHOWN characters,
+    so a file that is not config (a secret read by mistake) is not echoed."""
+    return repr(text) if len(text) <= MAX_SHOWN else f"{text[:MAX_SHOWN]!r}..."
+
+
 def _describe(token: Token) -> str:
     if token.kind == "eof":
         return "end of file"
-    return f"{token.kind} {token.text!r}"
+    return f"{token.kind} {_shown(token.text)}"
 
 
 class _Lexer:
@@ -251,7 +260,8 @@ class _Parser:
                 self._next()
             return Statement(name.text, tuple(values), block, name.location)
         raise ConfigSyntaxError(
-            end.location, f"expected ';' or '{{' after {name.text!r}, found {_describe(end)}"
+            end.location,
+            f"expected ';' or '{{' after {_shown(name.text)}, found {_describe(end)}",
         )
 
 
@@ -260,16 +270,62 @@ def parse_text(text: str, filename: str = "<string>") -> tuple[Statement, ...]:
     return _Parser(_Lexer(text, filename).tokens()).statements(0, None)
 
 
+def untrusted(st: os.stat_result, *, container: bool = False) -> str | None:
+    """Why someone other than root or this process's user could change it (None: nobody).
+
+    The one trust rule for config files, include directories and the directories
+    above them. ``container``: a directory above a file, where the sticky bit
+    (as on /tmp) keeps others from replacing what root or we put there.
+    """
+    if st.st_uid not in (0, os.geteuid()):
+        return f"owned by uid {st.st_uid}, not root or the service user"
+    if container and st.st_mode & stat.S_ISVTX:
+        return None
+    mode = f"mode {stat.S_IMODE(st.st_mode):04o}"
+    if st.st_mode & stat.S_IWOTH:
+        return f"writable by every user ({mode})"
+    if st.st_mode & stat.S_IWGRP and st.st_gid not in (0, os.getegid()):
+        return f"writable by group {st.st_gid} ({mode})"
+    return None
+
+
+def _check_directories(path: str) -> None:
+    """Every directory above ``path``, as named and as resolved, must be trusted:
+    whoever can write one of them can replace the file."""
+    seen: set[str] = set()
+    for start in (os.path.dirname(os.path.abspath(path)), os.path.dirname(os.path.realpath(path))):
+        d = start
+        while d not in seen:
+            seen.add(d)
+            try:
+                why = untrusted(os.stat(d), container=True)
+            except OSError as exc:
+                where = Location(path, 0, 0)
+                raise ConfigSyntaxError(where, f"cannot check {d}: {exc.strerror}") from None
+            if why is not None:
+                raise ConfigSyntaxError(Location(path, 0, 0), f"refused: directory {d} is {why}")
+            parent = os.path.dirname(d)
+            if parent == d:
+                break
+            d = parent
+
+
 def read_source(path: str) -> str:
-    """Read a config file, refusing what cannot be config text."""
+    """Read a config file, refusing what cannot be config text or could have been
+    changed by someone other than root or the service user."""
     where = Location(path, 0, 0)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
     except OSError as exc:
         raise ConfigSyntaxError(where, f"cannot open: {exc.strerror}") from None
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
             raise ConfigSyntaxError(where, "not a regular file")
+        why = untrusted(st)
+        if why is not None:
+            raise ConfigSyntaxError(where, f"refused: {why}")
+        _check_directories(path)
         data = os.read(fd, MAX_FILE_BYTES + 1)
     except OSError as exc:
         raise ConfigSyntaxError(where, f"cannot read: {exc.strerror}") from None
@@ -355,17 +411,44 @@ def _include_targets(statement: Statement, path: str, sources: Sources) -> list[
         return [target]
     sources.directories.append(target)
     try:
+        # Anyone who can add a file here can configure us: no sticky-bit exemption.
+        why = untrusted(os.stat(target))
         names = sorted(os.listdir(target))
     except OSError as exc:
         raise ConfigSyntaxError(
             statement.location, f"cannot list include directory {target}: {exc.strerror}"
         ) from None
+    if why is not None:
+        raise ConfigSyntaxError(statement.location, f"refused: include directory {target} is {why}")
     # Drop-in convention: only *.conf, so editors' backups and dotfiles stay inert.
-    return [
+    entries = [
         os.path.join(target, name)
         for name in names
         if name.endswith(".conf") and not name.startswith(".")
     ]
+    for entry in entries:
+        _check_drop_in_link(statement, entry)
+    return entries
+
+
+def _check_drop_in_link(statement: Statement, entry: str) -> None:
+    """A symlink among the drop-ins is followed only to a ``*.conf`` file.
+
+    Its target's owner, mode and directories are then checked like any config
+    file's (``read_source``). Ownership alone would let ``x.conf -> /etc/shadow``
+    through (root's file), and its parse error would quote it.
+    """
+    try:
+        if not stat.S_ISLNK(os.lstat(entry).st_mode):
+            return
+    except FileNotFoundError:
+        return  # gone meanwhile: read_source says so
+    real = os.path.realpath(entry)
+    if not real.endswith(".conf"):
+        raise ConfigSyntaxError(
+            statement.location,
+            f"include {entry}: a symlink to {real}, which is not a *.conf file: not followed",
+        )
 
 
 def quote(text: str) -> str:
