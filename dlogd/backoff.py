@@ -18,6 +18,10 @@ from collections.abc import Collection, Mapping
 from dlogd.config import Retry
 from dlogd.spool import RETRY_DIR
 
+# The last run's outcome per collector, for `dlogctl status`: unlike the
+# backoff it stays after a success (one small file per collector ever named).
+STATE_DIR = ".status"
+
 
 class RetryState:
     """Per-collector backoff kept on disk, so short-lived runs remember it."""
@@ -77,10 +81,38 @@ class RetryState:
                     os.unlink(os.path.join(self.directory, name))
 
     def _write(self, host: str, state: Mapping[str, object]) -> None:
-        tmp = f"{self._path(host)}.{os.getpid()}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            json.dump(state, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, self._path(host))
+        _write_json(self._path(host), state)
+
+
+def record_run(spool_root: str, host: str, now: float, error: str | None = None) -> None:
+    """Remember how this run ended with ``host``: its time of success, or its error.
+
+    Best effort: the delivery itself is already recorded where it matters (the
+    spool and the journal), so a full disk here never fails the run.
+    """
+    directory = os.path.join(spool_root, STATE_DIR)
+    path = os.path.join(directory, f"{host}.json")
+    with contextlib.suppress(OSError, ValueError):
+        os.makedirs(directory, mode=0o750, exist_ok=True)
+        state: dict[str, object] = {}
+        with contextlib.suppress(FileNotFoundError):
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            with os.fdopen(fd) as handle:
+                loaded = json.load(handle)
+            state = loaded if isinstance(loaded, dict) else {}
+        if error is None:
+            state["last_success"] = now
+        else:
+            state.update(last_error=error[:500], last_error_time=now)
+        _write_json(path, state)
+
+
+def _write_json(path: str, state: Mapping[str, object]) -> None:
+    """fsync, then rename over: a reader sees the old state or the new, never half."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        json.dump(state, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)

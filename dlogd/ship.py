@@ -36,7 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from dlogd import journal
-from dlogd.backoff import RetryState
+from dlogd.backoff import RetryState, record_run
 from dlogd.config import DEFAULT_CLIENT_CONFIG, ClientConfig, Host, load_client, load_logged
 from dlogd.crash import crash_point
 from dlogd.driver import Driver
@@ -379,6 +379,7 @@ def drain(config: ClientConfig, *, now: float | None = None) -> list[CollectorRe
             )
         for outcome in done:
             _schedule(outcome, retry)
+            record_run(config.spool, outcome.host, time.time(), _failure(outcome))
         return waiting + done
     finally:
         os.close(lock_fd)
@@ -424,10 +425,10 @@ def _deliver(work: list[Delivery]) -> list[CollectorResult]:
 
 def _schedule(outcome: CollectorResult, retry: RetryState) -> None:
     """Forget a collector's backoff when all went, else set its next attempt."""
-    if outcome.complete:
+    reason = _failure(outcome)
+    if reason is None:
         retry.succeeded(outcome.host)
         return
-    reason = outcome.error or f"{outcome.failed} failed for now"
     outcome.next_attempt = retry.failed(outcome.host, reason, time.time())
     journal.send(
         f"delivery to {outcome.host} incomplete: {reason}; retry at "
@@ -437,6 +438,13 @@ def _schedule(outcome: CollectorResult, retry: RetryState) -> None:
         host=outcome.host,
         reason=reason,
     )
+
+
+def _failure(outcome: CollectorResult) -> str | None:
+    """Why a collector is left for a retry; None when this run sent it everything."""
+    if outcome.complete:
+        return None
+    return outcome.error or f"{outcome.failed} failed for now"
 
 
 def _raise_fd_limit() -> None:

@@ -26,11 +26,10 @@ import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 
+from dlogd.backoff import STATE_DIR
 from dlogd.fsutil import DIR_FLAGS
 from dlogd.spool import OWED_DIR, RETRY_DIR
 from dlogd.store import PARTIAL_DIR
-
-STATE_DIR = ".status"  # the shipper's last-run record per collector (docs/status.md)
 
 OK, WARNING, CRITICAL, UNKNOWN = 0, 1, 2, 3
 _STATE_NAMES = {OK: "OK", WARNING: "WARNING", CRITICAL: "CRITICAL", UNKNOWN: "UNKNOWN"}

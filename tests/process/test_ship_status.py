@@ -52,7 +52,7 @@ def test_status_says_what_is_sent_then_what_happened(site: Site, tmp_path: Path)
 
 
 def test_status_names_the_next_retry_when_the_collector_is_down(site: Site, tmp_path: Path) -> None:
-    site.client_config([Target(COLLECTOR, free_port())])
+    site.client_config([Target(COLLECTOR, free_port())], retry=(300, 600))  # not due again soon
     site.add(make_file(site.root / "a.log", b"a\n"))
     code, statuses = _ship_with_notify(site, tmp_path)
     assert code == EX_TEMPFAIL

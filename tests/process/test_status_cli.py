@@ -71,6 +71,11 @@ def test_collector_down_then_delivered(site: Site) -> None:
     assert site.ship().returncode == 0
     up = figures(site, "--client", str(config))
     assert up["pending"] == []
+    # The shipper's own record of its runs: the failure above, then this success.
+    [collector] = up["collectors"]
+    assert collector["last_success"] is not None and collector["next_retry"] is None
+    assert collector["last_error_time"] is not None
+    assert collector["last_success"] >= collector["last_error_time"]
     prom = site.root / "dlogd.prom"
     assert dlogctl(site, "--client", str(config), "--prometheus", str(prom)).returncode == 0
     names = {f.name for f in text_string_to_metric_families(prom.read_text())}
