@@ -29,7 +29,7 @@ class RetryState:
     def __init__(self, spool_root: str, policy: Retry) -> None:
         self.directory = os.path.join(spool_root, RETRY_DIR)
         self.policy = policy
-        os.makedirs(self.directory, mode=0o700, exist_ok=True)
+        os.makedirs(self.directory, mode=0o750, exist_ok=True)
 
     def _path(self, host: str) -> str:
         return os.path.join(self.directory, f"{host}.json")
@@ -110,7 +110,7 @@ def record_run(spool_root: str, host: str, now: float, error: str | None = None)
 def _write_json(path: str, state: Mapping[str, object]) -> None:
     """fsync, then rename over: a reader sees the old state or the new, never half."""
     tmp = f"{path}.{os.getpid()}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o640)
     with os.fdopen(fd, "w") as handle:
         json.dump(state, handle)
         handle.flush()

@@ -183,7 +183,7 @@ def _open_dir(parent_fd: int, name: str) -> int:
     except FileNotFoundError:
         pass
     with contextlib.suppress(FileExistsError):  # a concurrent submit made it
-        os.mkdir(name, 0o700, dir_fd=parent_fd)
+        os.mkdir(name, 0o750, dir_fd=parent_fd)
     fd = os.open(name, DIR_FLAGS, dir_fd=parent_fd)
     os.fsync(parent_fd)  # once per new directory: its name must survive before entries do
     return fd
@@ -196,7 +196,7 @@ class Spool:
 
     def __init__(self, root: str, *, create: bool = False) -> None:
         if create:
-            os.makedirs(root, 0o700, exist_ok=True)
+            os.makedirs(root, 0o750, exist_ok=True)
         self.root = root
         self.root_fd = os.open(root, DIR_FLAGS)
         self._dirs: dict[str, _KeywordDir] = {}
@@ -331,7 +331,7 @@ class Spool:
     ) -> str:
         """Build the owed markers, rename them to the first free entry name, index the source."""
         new = f"{_NEW_PREFIX}{os.getpid()}-{time.monotonic_ns()}"
-        os.mkdir(new, 0o700, dir_fd=kdir.owed)
+        os.mkdir(new, 0o750, dir_fd=kdir.owed)
         try:
             _fill_markers(kdir.owed, new, hosts)
             name = self._rename_to_free_name(kdir, new, basename, now)
@@ -542,7 +542,7 @@ class Spool:
             _warn("entry has no owed markers and no configured hosts, kept", keyword, name)
             return frozenset()
         _warn("entry had no owed markers, owed to every configured host", keyword, name)
-        os.mkdir(name, 0o700, dir_fd=kdir.owed)
+        os.mkdir(name, 0o750, dir_fd=kdir.owed)
         _fill_markers(kdir.owed, name, fallback)
         os.fsync(kdir.owed)
         return frozenset(fallback)
@@ -572,7 +572,7 @@ class Spool:
         try:
             tmp = f".{host}.hold"
             out = os.open(
-                tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640,
                 dir_fd=fd,
             )  # fmt: skip
             with os.fdopen(out, "w") as handle:

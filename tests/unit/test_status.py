@@ -5,6 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -168,3 +171,62 @@ def test_human_table_fits_80_columns(tmp_path: Path) -> None:
     text = status.render(status.gather_client(str(spool), ["a" * 40], now=NOW))
     assert all(len(line) <= 80 for line in text.splitlines()), text
     assert "audit" in text and "logs2" in text
+
+
+def _as_group_member(gid: int, fn: Callable[[], str]) -> str:
+    """Run ``fn`` in a child that is uid 65534 with only ``gid``: not the owner, no root."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: drop to the group member, report, never return
+        code = 0
+        try:
+            os.close(read)
+            os.setgroups([])
+            os.setgid(gid)
+            os.setuid(65534)
+            os.write(write, fn().encode())
+        except BaseException as exc:
+            os.write(write, f"ERROR {exc!r}".encode())
+            code = 1
+        finally:
+            os._exit(code)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        out = pipe.read()
+    _, status_code = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status_code) == 0, out
+    return out
+
+
+@pytest.fixture
+def open_dir() -> Iterator[Path]:
+    """A directory others may traverse (pytest's own base is 0700)."""
+    base = Path(tempfile.mkdtemp(prefix="dlogd-status-"))
+    base.chmod(0o755)
+    try:
+        yield base
+    finally:
+        shutil.rmtree(base)
+
+
+def test_a_member_of_the_spools_group_reads_it_without_root(open_dir: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.fail("needs root to set up another user's view")
+    spool, names = _client(open_dir)
+    with Spool(str(spool)) as sp:
+        [entry] = [e for e in sp.pending() if e.name == names[0]]
+        sp.hold(entry, "logs2", NOW + 600, "refuse: TOO_LARGE")
+    (spool / ".retry").mkdir(mode=0o750)
+    (spool / ".retry" / "logs1.json").write_text('{"failures": 2, "next": 1e12}')
+    (spool / ".retry" / "logs1.json").chmod(0o640)
+    # The services run as dlogd:dlogd; here the tree's group stands for it.
+    group = 4242
+    for path in [spool, *spool.rglob("*")]:
+        os.chown(path, 0, group, follow_symlinks=False)
+    out = _as_group_member(
+        group, lambda: status.to_json(status.gather_client(str(spool), [], now=NOW))
+    )
+    got = json.loads(out)
+    assert {(p["host"], p["files"]) for p in got["pending"]} == {("logs1", 3), ("logs2", 3)}
+    assert [h["reason"] for h in got["held"]] == ["refuse: TOO_LARGE"]
+    assert {c["host"]: c["failures"] for c in got["collectors"]}["logs1"] == 2
