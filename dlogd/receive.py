@@ -168,15 +168,26 @@ class Session:
                 removed_bytes=usage.removed_bytes,
             )
 
-    def _partials_full(self, store: Store, offer: Offer) -> str | None:
-        """Why a new partial may not be started for this host now, if it may not."""
-        if store.holds_partial(offer.name, offer.size, offer.sha256):
-            return None  # a resume adds nothing
+    def _host_partials(self) -> PartialUsage:
         usage = PartialUsage()
         opened = {s.directory: s for s in self.stores.values()}
         for directory in self._host_dirs():
             held = opened.get(directory)
-            usage += held.partial_usage() if held else tidy_partials(directory, 0.0, None)
+            try:
+                usage += held.partial_usage() if held else tidy_partials(directory, 0.0, None)
+            except (StoreError, OSError):
+                continue
+        return usage
+
+    def _over_partial_cap(self) -> bool:
+        usage, limit = self._host_partials(), self.config.partials
+        return usage.files > limit.max_files or usage.bytes > limit.max_bytes
+
+    def _partials_full(self, store: Store, offer: Offer) -> str | None:
+        """Why a new partial may not be started for this host now, if it may not."""
+        if store.holds_partial(offer.name, offer.size, offer.sha256):
+            return None  # a resume adds nothing
+        usage = self._host_partials()
         limit = self.config.partials
         if usage.files < limit.max_files and usage.bytes < limit.max_bytes:
             return None
@@ -329,9 +340,14 @@ class Session:
     def _close(self) -> None:
         for incoming in self.incoming.values():
             upload = incoming.upload
-            if upload is not None and upload.received == 0:
-                upload.discard()  # holds nothing to resume: it would only pile up
-            elif upload is not None:
+            if upload is None:
+                continue
+            if upload.received == 0 or self._over_partial_cap():
+                # Nothing to resume, or more kept than the host may keep: connections
+                # starting together may each have begun one under the cap; counted
+                # now, with ours still on disk, two closing at once cannot both keep.
+                upload.discard()
+            else:
                 upload.close()  # the partial stays for a resume
         for store in self.stores.values():
             store.close()
