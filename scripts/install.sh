@@ -13,8 +13,7 @@
 #   --both     both roles (default)
 #   --hardlink submit hard-links instead of copying: adds the drop-ins from
 #              systemd/hardlink/ (less sandbox, two capabilities; see docs)
-# Needs Ansible (pip install '.[fleet]'); ANSIBLE_PLAYBOOK names the
-# ansible-playbook to use (default: the checkout's .venv, else PATH).
+# Needs Ansible (pip install '.[fleet]'): the checkout's .venv, else PATH.
 # Running it again gives the same result (idempotent).
 set -eu
 
@@ -38,11 +37,18 @@ while [ $# -gt 0 ]; do
     shift
 done
 
-playbook=${ANSIBLE_PLAYBOOK:-$here/.venv/bin/ansible-playbook}
-[ -x "$playbook" ] || playbook=$(command -v ansible-playbook) || {
+# The venv's python, not its ansible-playbook script: the script's #! names the
+# venv by the path it was made at, which a checkout bound elsewhere (the lab's
+# /opt/dlogd-lab-checkout) does not have; the interpreter finds its venv by itself.
+python=$here/.venv/bin/python
+if [ -x "$python" ] && "$python" -c 'import ansible.cli.playbook' 2>/dev/null; then
+    set -- "$python" -m ansible.cli.playbook
+elif command -v ansible-playbook >/dev/null; then
+    set -- ansible-playbook
+else
     echo "install.sh: no ansible-playbook: pip install '$here[fleet]' first" >&2
     exit 1
-}
+fi
 cd "$here/ansible"
-exec "$playbook" -i localhost, -c local install.yml \
+exec "$@" -i localhost, -c local install.yml \
     -e "{\"dlogd_install_role\": \"$role\", \"dlogd_install_hardlink\": $hardlink}"
