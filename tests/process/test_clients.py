@@ -521,7 +521,7 @@ def test_user_and_group_names_are_real(user: User) -> None:
 
 # Surrogates (category Cs) cannot be encoded for a C string at all: not a keyword question.
 keyword_candidates = st.from_regex(names.KEYWORD_RE, fullmatch=True) | st.text(
-    st.characters(exclude_characters="\0", exclude_categories=("Cs",)), max_size=70
+    st.characters(exclude_characters="\0", exclude_categories=["Cs"]), max_size=70
 )
 
 
