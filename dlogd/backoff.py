@@ -16,6 +16,7 @@ import random
 from collections.abc import Collection, Mapping
 
 from dlogd.config import Retry
+from dlogd.fsutil import read_json
 from dlogd.spool import RETRY_DIR
 
 # The last run's outcome per collector, for `dlogctl status`: unlike the
@@ -35,12 +36,10 @@ class RetryState:
         return os.path.join(self.directory, f"{host}.json")
 
     def read(self, host: str) -> dict[str, float]:
+        state = read_json(self._path(host))
         try:
-            fd = os.open(self._path(host), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-            with os.fdopen(fd) as handle:
-                state = json.load(handle)
-            return {"failures": float(state["failures"]), "next": float(state["next"])}
-        except (OSError, ValueError, KeyError, TypeError):
+            return {"failures": float(state["failures"]), "next": float(state["next"])}  # type: ignore[arg-type]
+        except (ValueError, KeyError, TypeError):
             return {"failures": 0.0, "next": 0.0}
 
     def due(self, host: str, now: float) -> float | None:
@@ -94,12 +93,7 @@ def record_run(spool_root: str, host: str, now: float, error: str | None = None)
     path = os.path.join(directory, f"{host}.json")
     with contextlib.suppress(OSError, ValueError):
         os.makedirs(directory, mode=0o750, exist_ok=True)
-        state: dict[str, object] = {}
-        with contextlib.suppress(FileNotFoundError):
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-            with os.fdopen(fd) as handle:
-                loaded = json.load(handle)
-            state = loaded if isinstance(loaded, dict) else {}
+        state = read_json(path)
         if error is None:
             state["last_success"] = now
         else:

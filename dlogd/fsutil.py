@@ -7,6 +7,7 @@ their layouts. These are the small operations both do the same way.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Callable
 
@@ -32,3 +33,17 @@ def hash_fd(fd: int, length: int, progress: Callable[[], None] | None = None) ->
         if progress is not None:
             progress()
     return digest
+
+
+def read_json(path: str) -> dict[str, object]:
+    """A small JSON state file as a dict; {} when absent, unreadable, not JSON or a symlink."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return {}
+    try:
+        with os.fdopen(fd) as handle:
+            data = json.load(handle)
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}

@@ -27,7 +27,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 
 from dlogd.backoff import STATE_DIR
-from dlogd.fsutil import DIR_FLAGS
+from dlogd.fsutil import DIR_FLAGS, read_json
 from dlogd.spool import OWED_DIR, RETRY_DIR
 from dlogd.store import PARTIAL_DIR
 
@@ -123,19 +123,6 @@ def _submit_time(entry: str, fallback: float) -> float:
     return float(head) if head.isdigit() else fallback
 
 
-def _read_json(path: str) -> dict[str, object]:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError:
-        return {}
-    try:
-        with os.fdopen(fd) as handle:
-            data = json.load(handle)
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 def _number(value: object) -> float | None:
     return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
 
@@ -147,7 +134,7 @@ def _hold(marker: os.DirEntry[str]) -> tuple[float, str] | None:
             return None
     except FileNotFoundError:
         return None
-    data = _read_json(marker.path)
+    data = read_json(marker.path)
     return (_number(data.get("until")) or 0.0, str(data.get("reason", "")))
 
 
@@ -187,8 +174,8 @@ def gather_client(spool: str, hosts: Iterable[str], now: float | None = None) ->
 
 
 def _collector(spool: str, host: str, now: float) -> Collector:
-    retry = _read_json(os.path.join(spool, RETRY_DIR, f"{host}.json"))
-    state = _read_json(os.path.join(spool, STATE_DIR, f"{host}.json"))
+    retry = read_json(os.path.join(spool, RETRY_DIR, f"{host}.json"))
+    state = read_json(os.path.join(spool, STATE_DIR, f"{host}.json"))
     next_retry = _number(retry.get("next"))
     error = retry.get("error") or state.get("last_error")
     return Collector(
