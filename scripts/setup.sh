@@ -11,10 +11,11 @@ cd "$(dirname "$0")/.."
 # openssh: benchmarks compare against them; the lab runs Ansible over SSH
 # (sshd in each lab host). python3-cryptography: community.crypto on the lab
 # hosts (their Python is /usr/bin/python3). vagrant: `vagrant validate` of
-# vagrant/Vagrantfile (no provider is needed for that).
+# vagrant/Vagrantfile (no provider is needed for that). time: a child's own peak
+# RSS in the memory tests.
 PACKAGES="libsystemd-dev pkg-config systemd systemd-container iproute2 gcc make \
 python3-venv python3-cryptography rsync socat openssh-client openssh-server acl \
-util-linux vagrant pandoc groff-base man-db"
+util-linux vagrant pandoc groff-base man-db time"
 
 missing=""
 for p in $PACKAGES; do

@@ -13,6 +13,7 @@ The tests import the fixtures with ``from tests.shipharness import pki_set``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -21,6 +22,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -375,6 +377,10 @@ def retry_state(spool: Path, host: str) -> dict[str, float] | None:
     return data
 
 
+# GNU time (Debian package "time"), for a child's own peak RSS.
+GNU_TIME = "/usr/bin/time"
+
+
 @dataclass(frozen=True)
 class ShipRun:
     """One ``python -m dlogd.ship`` run."""
@@ -390,25 +396,40 @@ class ShipRun:
 
 
 def ship(config: Path, cache: Path, *, timeout: float = SHIP_TIMEOUT) -> ShipRun:
-    """Run the shipper to completion; its peak RSS from wait4()."""
+    """Run the shipper to completion; its own peak RSS, measured by GNU time.
+
+    Not this process's wait4(): a child started by vfork (as subprocess does)
+    inherits the parent's high-water RSS at exec, so after a few hundred tests
+    the shipper would "peak" at pytest's size. time(1) is small and forks the
+    shipper itself, so %M is the shipper's alone.
+    """
     started = time.monotonic()
+    fd, name = tempfile.mkstemp(prefix="dlogd-ship-maxrss-")
+    os.close(fd)
+    peak_file = Path(name)
+    measured = [GNU_TIME, "-q", "-f", "%M", "-o", str(peak_file)]
+    shipper = [sys.executable, "-m", "dlogd.ship", "--config", str(config)]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "dlogd.ship", "--config", str(config)],
+        measured + shipper,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         env=env(cache),
         cwd=REPO,
+        start_new_session=True,  # a timeout kills time(1) and the shipper together
     )
     assert proc.stderr is not None
     try:
         err = _read_all_within(proc, timeout)
+        proc.wait()
+        maxrss_kib = int(peak_file.read_text().split()[-1])
     except BaseException:
-        proc.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         raise
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return ShipRun(proc.returncode, err, usage.ru_maxrss, time.monotonic() - started)
+    finally:
+        peak_file.unlink()
+    return ShipRun(proc.returncode, err, maxrss_kib, time.monotonic() - started)
 
 
 def start_ship(config: Path, cache: Path) -> subprocess.Popen[bytes]:
