@@ -94,12 +94,17 @@ class _Incoming:
 class Session:
     """One shipper connection after the handshake: the protocol loop over a TLS stream."""
 
-    def __init__(self, config: ServerConfig, link: Driver, host: str, peer: str) -> None:
+    def __init__(
+        self, config: ServerConfig, link: Driver, host: str, peer: str, serial: str = ""
+    ) -> None:
         self.config = config
         self.link = link
         self.conn = link.conn
         self.host = host
         self.peer = peer
+        # The sender certificate's serial on every file record: after a renewal
+        # the journal shows from which delivery on the new certificate is used.
+        self.serial = serial
         self.stores: dict[str, Store] = {}  # keyword -> this host's directory for it
         self.incoming: dict[int, _Incoming] = {}
         self.batch: dict[Upload, Offer] = {}  # finished, not yet durable
@@ -365,6 +370,7 @@ class Session:
             file=offer.name,
             size=offer.size,
             sha256=offer.sha256.hex(),
+            peer_serial=self.serial,
             **fields,
         )
 
@@ -415,7 +421,7 @@ def serve(sock: socket.socket, config: ServerConfig) -> int:
             return 1
         try:
             with link.telling_why("shipper"):
-                Session(config, link, host.name, peer).run()
+                Session(config, link, host.name, peer, identity.serial).run()
         except HelloRefused as exc:
             _peer_refused(peer, str(identity), str(exc), host=host.name)
             link.tell()  # the reason is sent: close the session cleanly

@@ -126,6 +126,7 @@ class Identity:
     dns_names: tuple[str, ...]
     fingerprint: str  # lowercase hex SHA-256 of the DER certificate
     not_after: datetime
+    serial: str = ""  # lowercase hex, no leading zeros or 0x
     is_ca: bool = False  # basicConstraints CA:TRUE
     # Extended key usages by dotted OID; None when the certificate has no EKU
     # extension (then, per RFC 5280, it is not restricted).
@@ -154,6 +155,7 @@ class Identity:
             dns_names=dns_names,
             fingerprint=cert.fingerprint(hashes.SHA256()).hex(),
             not_after=cert.not_valid_after_utc,
+            serial=f"{cert.serial_number:x}",
             is_ca=is_ca,
             usages=usages,
         )

@@ -161,6 +161,8 @@ def test_renewed_certificate_is_used_from_the_next_connection_without_restarts(
     wait_for_files(logs1, fleet.store_dir("web1"), [name], timeout=40)
     stored = records(logs1, journal.RECEIVE_STORED, since=started, file=name)
     assert [r["DLOGD_HOST"] for r in stored] == ["web1"], logs1.journal_text()
+    # The collector journals which certificate sent it: the renewed one.
+    assert [int(r["DLOGD_PEER_SERIAL"], 16) for r in stored] == [int(new["serial"], 16)]
     assert all_invocations(fleet) == units
 
 

@@ -113,6 +113,9 @@ def test_single_file_is_stored_byte_identical(site: Site, activated: bool) -> No
     assert record.get("file") == entries[0]
     assert record.get("sha256") == sha256_of(source)
     assert record.get("host") == "web1"
+    # Which certificate sent it (issue 10: a renewal shows in the journal).
+    sender_cert = pki.load_certificate(site.pki.fleet.sender.certificate)
+    assert int(record.get("peer_serial"), 16) == sender_cert.serial_number
 
 
 def test_empty_file_is_stored(site: Site) -> None:
