@@ -472,6 +472,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         epilog="exit status: 0 all delivered, 75 some left for a retry, 1 could not run",
     )
     parser.add_argument("--config", default=DEFAULT_CLIENT_CONFIG, help="client config file")
+    parser.add_argument(
+        "--prometheus",
+        metavar="FILE",
+        help="after the run, write what `dlogctl status --prometheus` writes here",
+    )
     return parser.parse_args(argv)
 
 
@@ -482,6 +487,14 @@ def main(argv: list[str] | None = None) -> int:
         _status(f"config error: {error}")
         return EXIT_FAILED
     _raise_fd_limit()
+    try:
+        return _run(config)
+    finally:
+        if args.prometheus:
+            _refresh_metrics(args.prometheus, config)
+
+
+def _run(config: ClientConfig) -> int:
     try:
         outcomes = drain(config)
         run = outcomes
@@ -515,6 +528,21 @@ def main(argv: list[str] | None = None) -> int:
     for outcome in run:
         print(outcome.summary(), file=sys.stderr)
     return EXIT_RETRY_LATER if pending else EXIT_DELIVERED
+
+
+def _refresh_metrics(path: str, config: ClientConfig) -> None:
+    """node_exporter's textfile for this spool, as of the end of the run.
+
+    The spool may be half-drained or broken: the figures say so. A file that
+    cannot be written is reported and does not change the run's exit status.
+    """
+    from dlogd import status  # only runs that write metrics pay for the import
+
+    try:
+        figures = status.gather_client(config.spool, config.hosts)
+        status.write_atomically(path, status.prometheus(figures))
+    except OSError as exc:
+        print(f"dlogd-ship: cannot write metrics to {path}: {exc}", file=sys.stderr)
 
 
 def whole_run(

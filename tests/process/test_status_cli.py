@@ -113,3 +113,57 @@ def test_unreadable_config_is_unknown(site: Site, tmp_path: Path) -> None:
     bad.write_text("keyword {\n")
     done = dlogctl(site, "--client", str(bad), "--warn-age", "1h")
     assert done.returncode == 3 and done.stdout.startswith("DLOGD UNKNOWN"), done.stdout
+
+
+def ship_with_metrics(site: Site, config: Path, prom: Path) -> subprocess.CompletedProcess[str]:
+    """``dlogd-ship --prometheus`` as the role's drop-in runs it."""
+    argv = [sys.executable, "-m", "dlogd.ship", "--config", str(config), "--prometheus", str(prom)]
+    return subprocess.run(
+        argv, capture_output=True, text=True, env=env(site.cache), cwd=REPO, timeout=120
+    )
+
+
+def samples(prom: Path) -> dict[tuple[str, str], float]:
+    """{(metric, collector label): value}, read back with prometheus_client's parser."""
+    found = {}
+    for family in text_string_to_metric_families(prom.read_text()):
+        for sample in family.samples:
+            found[(sample.name, sample.labels.get("collector", ""))] = sample.value
+    return found
+
+
+def test_shipper_refreshes_the_prometheus_file_after_each_run(site: Site) -> None:
+    port = free_port()
+    config = site.client_config([Target(COLLECTOR, port)], retry=(300, 600))
+    site.add(make_file(site.root / "a.log", b"a" * 1000), make_file(site.root / "b.log", b"b" * 10))
+    prom = site.root / "textfile" / "dlogd.prom"
+    prom.parent.mkdir()
+
+    assert ship_with_metrics(site, config, prom).returncode == EX_TEMPFAIL  # nobody listens yet
+    down = samples(prom)
+    assert down[("dlogd_spool_pending_files", COLLECTOR)] == 2
+    assert down[("dlogd_spool_pending_bytes", COLLECTOR)] == 1010
+    assert down[("dlogd_ship_consecutive_failures", COLLECTOR)] == 1
+    assert ("dlogd_ship_last_success_timestamp_seconds", COLLECTOR) not in down
+
+    site.start(port=port)
+    site.clear_retry()
+    assert ship_with_metrics(site, config, prom).returncode == 0
+    up = samples(prom)
+    # Nothing pending: no pending series for the pair (status lists only what waits).
+    assert up.get(("dlogd_spool_pending_files", COLLECTOR), 0) == 0
+    assert up[("dlogd_ship_consecutive_failures", COLLECTOR)] == 0
+    assert up[("dlogd_ship_last_success_timestamp_seconds", COLLECTOR)] > 0
+    # Written by rename: no temporary file is left beside it for node_exporter to read.
+    assert [p.name for p in prom.parent.iterdir()] == ["dlogd.prom"]
+
+
+def test_shipper_that_cannot_write_metrics_says_so_and_still_delivers(site: Site) -> None:
+    collector = site.start()
+    config = site.client_config([Target(COLLECTOR, collector.port)])
+    [entry] = site.add(make_file(site.root / "a.log", b"a" * 100))
+    missing = site.root / "no-such-dir" / "dlogd.prom"
+    done = ship_with_metrics(site, config, missing)
+    assert done.returncode == 0, done.stderr
+    assert f"cannot write metrics to {missing}" in done.stderr
+    assert [p.name for p in site.store_dir().iterdir() if not p.name.startswith(".")] == [entry]
