@@ -117,9 +117,12 @@ def test_install_creates_users_and_private_directories(installed: Lab) -> None:
     ]
     assert logs1.run("stat -c '%a %U' /var/log/remote").stdout.split() == ["750", "dlogd-recv"]
     assert "dlogd" in logs1.run(["id", "-nG", "dlogd-recv"]).stdout.split()
-    assert web1.run(["readlink", "/etc/systemd/system/dlogd.socket"]).stdout.strip() == (
-        "/etc/systemd/system/dlogd-submit.socket"
-    )
+    # Enabled for real: the alias (from Alias=) and the link that starts the
+    # socket at boot. A ready-made alias once made "is-enabled" say yes without
+    # the second, so the role's enable step skipped it.
+    alias, wanted = "dlogd.socket", "sockets.target.wants/dlogd-submit.socket"
+    targets = web1.run(["readlink", *(f"/etc/systemd/system/{ln}" for ln in (alias, wanted))])
+    assert targets.stdout.split() == ["/etc/systemd/system/dlogd-submit.socket"] * 2
 
 
 def test_install_twice_changes_nothing(installed: Lab, lab_checkout: Path, lab_venv: Path) -> None:
@@ -253,7 +256,7 @@ def run_client_probes(
     host.run("install -d -o dlogd -m 0750 /var/spool/dlogd/probe")
     host.write_file(theirs, b"theirs\n", 0o644, owner="nobody")
     host.write_file("/var/spool/dlogd/probe/secret", b"secret\n", 0o600, owner=secret_owner)
-    host.run(["systemctl", "start", "dlogd.socket"])
+    host.run(["systemctl", "start", "dlogd-submit.socket"])
     connect = "import socket; socket.socket(socket.AF_UNIX).connect('/run/dlogd/submit.sock')"
     host.run(["python3", "-c", connect])
     host.wait_for_path("/var/spool/dlogd/probe/result", unit_glob="dlogd-submit@*")

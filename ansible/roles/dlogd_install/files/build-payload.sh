@@ -7,8 +7,8 @@
 #                           here, for this platform and Python version)
 #   OUTDIR/wheelhouse.tar   those wheels, in one file to copy
 #   OUTDIR/etc.tar          sysusers.d and tmpfiles.d declarations (for /etc)
-#   OUTDIR/units-ROLE.tar   the units of ROLE (client, server, both), with the
-#                           dlogd.socket alias (for /etc/systemd/system)
+#   OUTDIR/units-ROLE.tar   the units of ROLE (client, server, both), for
+#                           /etc/systemd/system
 #   OUTDIR/usr-local.tar    libdlogd, its header and pkg-config file, and the
 #                           units' documentation (for /usr/local)
 # Prints one JSON line: {"changed": BOOL, "digest": "SHA-256 of the wheels",
@@ -95,8 +95,10 @@ for role in client server both; do
     for unit in $list; do
         install -m 0644 "$units/$unit" "$tmp/units-$role/$unit"
     done
-    # The alias "systemctl enable" makes from Alias=, there before it runs.
-    [ "$role" = server ] || ln -s /etc/systemd/system/dlogd-submit.socket "$tmp/units-$role/dlogd.socket"
+    # No dlogd.socket alias link here: "systemctl enable" makes it from
+    # Alias=. A link made in advance makes "is-enabled" answer "enabled", so
+    # the roles' enable step did nothing and the socket had no
+    # sockets.target.wants link: after a reboot nobody could submit.
     archive "units-$role.tar" "$tmp/units-$role"
 done
 
