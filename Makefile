@@ -28,10 +28,11 @@ lint: setup
 	$(VENV)/bin/ruff format --check dlogd tests
 	cd ansible && PATH="$(CURDIR)/$(VENV)/bin:$$PATH" ansible-lint -q --profile production
 	cd ansible && PATH="$(CURDIR)/$(VENV)/bin:$$PATH" ansible-playbook --syntax-check site.yml install.yml
-	$(VENV)/bin/ruff check ansible/filter_plugins scripts
-	$(VENV)/bin/ruff format --check ansible/filter_plugins scripts
+	$(VENV)/bin/ruff check ansible/filter_plugins scripts bench
+	$(VENV)/bin/ruff format --check ansible/filter_plugins scripts bench
 	MYPYPATH=tests/lab $(VENV)/bin/mypy --strict --explicit-package-bases $(wildcard tests/lab/*.py) scripts/lab-demo.py ansible/filter_plugins/dlogd_fleet.py
 	$(VENV)/bin/mypy --strict dlogd tests
+	MYPYPATH=bench $(VENV)/bin/mypy --strict --explicit-package-bases $(wildcard bench/*.py)
 
 # Unit and process tiers: seconds to a minute.
 test-fast: lint clib

@@ -1,0 +1,28 @@
+"""The benchmark scripts still run: each one at toy sizes (no timing is judged).
+
+Place in the flow: bench/ measures; this only keeps the scripts from rotting
+as the code they drive changes (issue 12: a quick smoke run of each).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.shipharness import REPO
+
+pytestmark = pytest.mark.process
+
+
+def test_bench_status_counts_a_small_spool(tmp_path: Path) -> None:
+    report = tmp_path / "report.md"
+    argv = [sys.executable, str(REPO / "bench" / "bench_status.py"), "--entries", "30",
+            "--repeat", "1", "--root", str(tmp_path / "scratch"), "--markdown", str(report)]  # fmt: skip
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr
+    # The script checks status's count against what it built; the row is its result.
+    assert "| 30 | " in report.read_text(), report.read_text()
+    assert not (tmp_path / "scratch").exists()
