@@ -216,7 +216,15 @@ def activated(work: Workdir, name: str, wrapper_out: Path | None = None) -> Iter
 def listening(work: Workdir, name: str) -> Iterator[tuple[Path, int]]:
     """The development server: one process for every connection, no start-up per submit."""
     sock = work.root / f"{name}.sock"
-    argv = [PYTHON, "-m", "dlogd.submit_service", "--config", str(work.config), "--listen", str(sock)]
+    argv = [
+        PYTHON,
+        "-m",
+        "dlogd.submit_service",
+        "--config",
+        str(work.config),
+        "--listen",
+        str(sock),
+    ]
     with _running(argv, sock, work.root / f"{name}.log", env=work.env) as proc:
         yield sock, proc.pid
 
