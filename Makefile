@@ -40,7 +40,7 @@ test-fast: lint clib
 
 # Everything CI runs: all tiers, the lab included.
 test: lint clib
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q --durations=25
 
 clean:
 	$(MAKE) -C clib clean
