@@ -81,6 +81,19 @@ class ClientKeyword:
 
 
 @dataclass(frozen=True)
+class Watch:
+    """A ``watch "DIR" { }`` block: finished files there are submitted by dlogd-watch."""
+
+    directory: str
+    pattern: str  # fnmatch, on file names only
+    keyword: str
+    user: int | str  # the account dlogd-watch runs as for it: a uid or a user name, never root
+    # A file matching the pattern is finished (the pattern names what rotation
+    # renamed into place) once unchanged for this many seconds; None: at once.
+    quiet: float | None = None
+
+
+@dataclass(frozen=True)
 class ServerKeyword:
     name: str
     dirs: Mapping[str, str]  # sending host name -> absolute directory
@@ -95,6 +108,7 @@ class ClientConfig:
     limits: Limits = field(default_factory=Limits)
     retry: Retry = field(default_factory=Retry)
     sources: tuple[str, ...] = ()  # every file read, includes too
+    watches: Mapping[str, Watch] = field(default_factory=dict)  # by directory
 
 
 @dataclass(frozen=True)
@@ -288,6 +302,7 @@ def build(
             limits=limits,
             retry=Retry(_get(retry, "min", Retry.min_delay), _get(retry, "max", Retry.max_delay)),
             sources=files,
+            watches={d: _watch(d, block) for d, block in data.get("watch", {}).items()},
         )
     return ServerConfig(
         keywords={
@@ -326,6 +341,12 @@ def _resolve_uids(values: list[int | str]) -> list[int]:
         with contextlib.suppress(KeyError):
             uids.append(pwd.getpwnam(value).pw_uid)
     return uids
+
+
+def _watch(directory: str, block: Mapping[str, Any]) -> Watch:
+    return Watch(
+        directory, block["pattern"], block["keyword"], block["user"], _get(block, "quiet", None)
+    )
 
 
 def _partials(block: Mapping[str, Any]) -> PartialLimits:
@@ -390,6 +411,7 @@ def to_text(config: ClientConfig | ServerConfig) -> str:
             lines += [f"    group {quote(g)};" for g in sorted(kw.groups)]
             lines += [f"    host {quote(h)};" for h in kw.hosts]
             lines += [f"    copy {'yes' if kw.copy else 'no'};", "}"]
+        lines += [line for w in config.watches.values() for line in _watch_lines(w)]
     else:
         p = config.partials
         lines.append(
@@ -409,6 +431,20 @@ def to_text(config: ClientConfig | ServerConfig) -> str:
             lines.append(f'    fingerprint "sha256:{host.fingerprint}";')
         lines.append("}")
     return "\n".join(lines) + "\n"
+
+
+def _watch_lines(watch: Watch) -> list[str]:
+    from dlogd.conflang import quote
+
+    lines = [
+        f"watch {quote(watch.directory)} {{",
+        f"    pattern {quote(watch.pattern)};",
+        f"    keyword {quote(watch.keyword)};",
+        f"    user {quote(str(watch.user))};",
+    ]
+    if watch.quiet is not None:
+        lines.append(f"    quiet {_seconds(watch.quiet)};")
+    return [*lines, "}"]
 
 
 def _limit_line(name: str, value: float) -> str:

@@ -250,6 +250,31 @@ def fingerprint(value: Any) -> str:
     return match.group(1).replace(":", "").lower()
 
 
+def watch_dir(value: Any) -> str:
+    """A ``watch "DIR" { }`` block's name: an absolute path, written normalised, so two
+    spellings of one directory cannot make two blocks."""
+    path = absolute_path(value)
+    if path != value:
+        raise _fail(f"{value!r}: write the directory as {path!r}")
+    return path
+
+
+def file_pattern(value: Any) -> str:
+    """A watch's file-name pattern (fnmatch: ``*``, ``?``, ``[...]``), matched on names only."""
+    pattern = text(value)
+    if not pattern or "/" in pattern or len(pattern) > 255:
+        raise _fail(f"{pattern!r}: expected a file-name pattern (1-255 characters, no '/')")
+    return pattern
+
+
+def watch_user(value: Any) -> int | str:
+    """The account dlogd-watch runs as for a watch: never root (it reads as that user)."""
+    user = uid(value)
+    if user in (0, "root"):
+        raise _fail("a watch must not run as root: name an unprivileged user")
+    return user
+
+
 def host_dir(value: Any) -> tuple[str, str]:
     """The collector's ``host "web1" dir "/path";`` line."""
     if not isinstance(value, list) or len(value) != 3 or value[1] != "dir":
@@ -329,6 +354,15 @@ SERVER_HOST = _block(
         vol.Optional("fingerprint"): once(fingerprint),
     }
 )
+# A directory whose finished files dlogd-watch submits (issue 14, dlogd/watch.py).
+WATCH = _block(
+    {
+        vol.Required("pattern", msg="a watch needs a pattern line"): once(file_pattern),
+        vol.Required("keyword", msg="a watch needs a keyword line"): once(identifier),
+        vol.Required("user", msg="a watch needs a user line"): once(watch_user),
+        vol.Optional("quiet"): once(duration),
+    }
+)
 CLIENT = _block(
     {
         vol.Optional("spool"): once(absolute_path),
@@ -350,6 +384,7 @@ CLIENT = _block(
             )
         },
         vol.Optional("host"): {host_name: CLIENT_HOST},
+        vol.Optional("watch"): {watch_dir: WATCH},
     }
 )
 SERVER = _block(
@@ -438,6 +473,31 @@ def _cross_check(data: dict[str, Any], role: str, shaped: Shaped) -> list[Proble
             problems.extend(_check_principals(kw_name, keyword, shaped))
         else:
             problems.extend(_check_dirs(kw_name, keyword, shaped))
+    if role == "client":
+        problems.extend(_check_watches(data, shaped))
+    return problems
+
+
+def _check_watches(data: dict[str, Any], shaped: Shaped) -> list[Problem]:
+    problems: list[Problem] = []
+    for directory, watch in data.get("watch", {}).items():
+        if watch["keyword"] not in data.get("keyword", {}):
+            problems.append(
+                Problem(
+                    shaped.locate(("watch", directory, "keyword", 0, 0)),
+                    f'watch "{directory}" names keyword "{watch["keyword"]}", '
+                    "which has no keyword block",
+                )
+            )
+        user = watch["user"]
+        if isinstance(user, str) and not _exists(pwd.getpwnam, user):
+            problems.append(
+                Problem(
+                    shaped.locate(("watch", directory, "user", 0, 0)),
+                    f'no user "{user}" on this host (the watch submits nothing until it exists)',
+                    True,
+                )
+            )
     return problems
 
 
