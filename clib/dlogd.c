@@ -56,6 +56,7 @@ static const int code_errno[] = {
     EINVAL, /* BAD_NAME */
     EAGAIN, /* TEMPORARY_FAILURE */
     EIO,    /* INTERNAL */
+    ENOSPC, /* SPOOL_FULL: a spool quota (or the spool's disk); nothing spooled is dropped */
 };
 #define CODE_COUNT (sizeof code_errno / sizeof code_errno[0])
 

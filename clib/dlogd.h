@@ -20,7 +20,8 @@ extern "C" {
  *   - from the service's refusal: EPROTO (bad request), ENOENT (unknown
  *     keyword), EACCES (caller not allowed), EINVAL (not a regular file, or a
  *     path with no usable basename), EFBIG (too large), EAGAIN (temporary
- *     failure, retry later), EIO (service-side error);
+ *     failure, retry later), ENOSPC (spool full: limits { spool_max_size;
+ *     spool_min_free; } or its disk; retry later), EIO (service-side error);
  *   - or from the failing call: open() of the file, socket()/connect() to the
  *     service, sending or receiving (ETIMEDOUT after 30 s without an answer,
  *     ECONNRESET if the service hung up, EPROTO for a malformed answer);

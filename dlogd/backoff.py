@@ -24,6 +24,15 @@ from dlogd.spool import RETRY_DIR
 STATE_DIR = ".status"
 
 
+def delay(policy: Retry, failures: int) -> float:
+    """Seconds to wait after the ``failures``-th failure in a row: ``retry { min }``
+    doubled per failure, capped at ``retry { max }``, jittered. A collector's
+    backoff and a file's hold after a temporary refusal both count this way."""
+    base = min(policy.max_delay, policy.min_delay * 2.0 ** min(failures - 1, 32))
+    # Jitter spreads a fleet's retries after a collector comes back.
+    return min(policy.max_delay, base * random.uniform(0.75, 1.25))
+
+
 class RetryState:
     """Per-collector backoff kept on disk, so short-lived runs remember it."""
 
@@ -54,10 +63,7 @@ class RetryState:
     def failed(self, host: str, reason: str, now: float) -> float:
         """Record a failure; returns when to try again."""
         failures = int(self.read(host)["failures"]) + 1
-        delay = min(self.policy.max_delay, self.policy.min_delay * 2.0 ** min(failures - 1, 32))
-        # Jitter spreads a fleet's retries after a collector comes back.
-        delay = min(self.policy.max_delay, delay * random.uniform(0.75, 1.25))
-        next_attempt = now + delay
+        next_attempt = now + delay(self.policy, failures)
         self._write(host, {"failures": failures, "next": next_attempt, "error": reason[:500]})
         return next_attempt
 

@@ -7,6 +7,7 @@ nothing here is a second implementation. Exit codes (also in ``--help``):
     1  the thing checked or asked for failed (invalid config, a refused submit)
     2  usage error (bad arguments)
     3  the service could not be reached
+    4  submit: the spool is full (SPOOL_FULL): nothing was lost, submit again later
 """
 
 from __future__ import annotations
@@ -21,12 +22,15 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
+EXIT_SPOOL_FULL = 4
 
 EPILOG = """exit status:
   0  success
   1  invalid config, or a file was refused
   2  usage error
   3  the submit service could not be reached
+  4  submit: a file was refused because the spool is full (SPOOL_FULL), and no
+     file for another reason; retry later
 """
 
 
@@ -75,10 +79,15 @@ def _submit(args: argparse.Namespace) -> int:
     from dlogd import client
 
     status = EXIT_OK
+    full = False
     socket_path = args.socket or client.default_socket_path()
     for path in args.files:
         try:
             done = client.submit(path, args.keyword, socket_path=socket_path)
+        except client.SpoolFull as exc:
+            # Its own status: a script (a logrotate postrotate) can tell "wait" from "fix".
+            print(f"{path}: refused: {exc}", file=sys.stderr)
+            full = True
         except client.SubmitError as exc:
             print(f"{path}: refused: {exc}", file=sys.stderr)
             status = EXIT_FAILED
@@ -90,7 +99,7 @@ def _submit(args: argparse.Namespace) -> int:
             status = EXIT_FAILED
         else:
             print(f"{path}: spooled as {done.entry} ({done.size} bytes)")
-    return status
+    return EXIT_SPOOL_FULL if full and status == EXIT_OK else status
 
 
 def _status(args: argparse.Namespace) -> int:

@@ -39,6 +39,7 @@ __all__ = [
     "NotRegularFile",
     "PermissionDenied",
     "ServiceError",
+    "SpoolFull",
     "SubmitError",
     "Submitted",
     "TemporaryFailure",
@@ -113,6 +114,11 @@ class TemporaryFailure(SubmitError):
     """Spool full or an I/O error on the service side; retrying later may work."""
 
 
+class SpoolFull(TemporaryFailure):
+    """The spool is at ``limits { spool_max_size }`` or ``{ spool_min_free }`` (or its disk
+    is full): refused, ``errno`` ENOSPC; nothing spooled before is dropped. Retry later."""
+
+
 class ServiceError(SubmitError):
     """A bug or a bad configuration on the service side."""
 
@@ -126,6 +132,7 @@ _ERROR_CLASSES: Final[dict[SubmitCode, type[SubmitError]]] = {
     SubmitCode.BAD_NAME: BadName,
     SubmitCode.TEMPORARY_FAILURE: TemporaryFailure,
     SubmitCode.INTERNAL: ServiceError,
+    SubmitCode.SPOOL_FULL: SpoolFull,
 }
 
 

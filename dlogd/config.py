@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from dlogd.names import DEFAULT_FRAME, DEFAULT_WINDOW
+from dlogd.quota import Amount, from_plain
 
 if TYPE_CHECKING:
     # The parser is only needed when the cache is stale: keep it off the hot path.
@@ -55,6 +56,14 @@ class PartialLimits:
     max_age: float = 7 * 24 * 3600.0  # not resumed for this long: removed
     max_bytes: int = 16 * 1024**3  # beyond this, or max_files, new uploads are refused for now
     max_files: int = 64  # a window's worth
+
+
+@dataclass(frozen=True)
+class SpoolQuota:
+    """A client's ``limits { spool_max_size; spool_min_free; }`` (None: no limit)."""
+
+    max_size: Amount | None = None  # bytes of entries waiting in the spool, linked or copied
+    min_free: Amount | None = None  # left free on the spool's file system
 
 
 @dataclass(frozen=True)
@@ -108,6 +117,7 @@ class ClientConfig:
     limits: Limits = field(default_factory=Limits)
     retry: Retry = field(default_factory=Retry)
     sources: tuple[str, ...] = ()  # every file read, includes too
+    quota: SpoolQuota = field(default_factory=SpoolQuota)
     watches: Mapping[str, Watch] = field(default_factory=dict)  # by directory
 
 
@@ -119,6 +129,7 @@ class ServerConfig:
     limits: Limits = field(default_factory=Limits)
     partials: PartialLimits = field(default_factory=PartialLimits)
     sources: tuple[str, ...] = ()
+    min_free: Amount | None = None  # ``limits { min_free }``: kept free on each store's file system
 
 
 _Config = TypeVar("_Config", "ClientConfig", "ServerConfig")
@@ -302,6 +313,10 @@ def build(
             limits=limits,
             retry=Retry(_get(retry, "min", Retry.min_delay), _get(retry, "max", Retry.max_delay)),
             sources=files,
+            quota=SpoolQuota(
+                from_plain(data.get("limits", {}).get("spool_max_size")),
+                from_plain(data.get("limits", {}).get("spool_min_free")),
+            ),
             watches={d: _watch(d, block) for d, block in data.get("watch", {}).items()},
         )
     return ServerConfig(
@@ -319,6 +334,7 @@ def build(
         limits=limits,
         partials=_partials(data.get("partials", {})),
         sources=files,
+        min_free=from_plain(data.get("limits", {}).get("min_free")),
     )
 
 
@@ -398,6 +414,7 @@ def to_text(config: ClientConfig | ServerConfig) -> str:
         "}",
         "limits {",
         *(_limit_line(f.name, getattr(config.limits, f.name)) for f in fields(Limits)),
+        *_quota_lines(config),
         "}",
     ]
     if isinstance(config, ClientConfig):
@@ -431,6 +448,14 @@ def to_text(config: ClientConfig | ServerConfig) -> str:
             lines.append(f'    fingerprint "sha256:{host.fingerprint}";')
         lines.append("}")
     return "\n".join(lines) + "\n"
+
+
+def _quota_lines(config: ClientConfig | ServerConfig) -> list[str]:
+    if isinstance(config, ClientConfig):
+        named = {"spool_max_size": config.quota.max_size, "spool_min_free": config.quota.min_free}
+    else:
+        named = {"min_free": config.min_free}
+    return [f"    {name} {value.text()};" for name, value in named.items() if value is not None]
 
 
 def _watch_lines(watch: Watch) -> list[str]:

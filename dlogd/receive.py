@@ -53,6 +53,7 @@ from dlogd.shipwire import (
 from dlogd.store import (
     DigestMismatch,
     NameConflict,
+    NoRoom,
     PartialUsage,
     SizeMismatch,
     Store,
@@ -249,8 +250,11 @@ class Session:
             full = self._partials_full(store, offer)
             if full is not None:
                 return self._refuse(offer, Code.TEMPORARY_FAILURE, full)
-            store.check_space(offer.name, offer.size, offer.sha256)
+            store.check_space(offer.name, offer.size, offer.sha256, self.config.min_free)
             upload = store.begin(offer.name, offer.size, offer.sha256)
+        except NoRoom as exc:
+            # Journalled with the figures: free, and the min_free it would go below.
+            return self._refuse(offer, Code.TEMPORARY_FAILURE, str(exc), **exc.refusal.fields())
         except StoreError as exc:
             code = _store_code(exc)
             return self._refuse(offer, code, str(exc))
@@ -259,9 +263,14 @@ class Session:
             self._record(journal.RECEIVE_RESUMED, f"resuming at byte {upload.received}", offer)
         return Accept(offer.file_id, upload.received)
 
-    def _refuse(self, offer: Offer, code: Code, why: str) -> Refuse:
+    def _refuse(self, offer: Offer, code: Code, why: str, **figures: int) -> Refuse:
         self._record(
-            journal.RECEIVE_REFUSED, f"refused: {why}", offer, reason=code.name, priority=4
+            journal.RECEIVE_REFUSED,
+            f"refused: {why}",
+            offer,
+            reason=code.name,
+            priority=4,
+            **figures,
         )
         return Refuse(offer.file_id, code, why[:1000])
 

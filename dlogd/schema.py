@@ -23,6 +23,7 @@ from typing import Any
 
 import voluptuous as vol
 
+from dlogd import quota
 from dlogd.conflang import Location, Problem, Statement, Value
 from dlogd.names import (
     ACCOUNT_RE,
@@ -39,9 +40,7 @@ Path = tuple[str | int, ...]
 Validator = Callable[[Any], Any]
 
 FINGERPRINT_RE = re.compile(r"(?:sha256:)?((?:[0-9A-Fa-f]{2}:?){31}[0-9A-Fa-f]{2})\Z")
-SIZE_RE = re.compile(r"([0-9]+)([KMGT]?)\Z")
 DURATION_RE = re.compile(r"([0-9]+)(ms|s|min|h)?\Z")
-SIZE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 # Divide for ms: 9 * 0.001 is not 9 / 1000 in floating point, and to_text must round-trip.
 DURATION_UNITS = {None: (1, 1), "s": (1, 1), "ms": (1, 1000), "min": (60, 1), "h": (3600, 1)}
 MAX_UID = 2**32 - 2  # (uid_t)-1 means "no uid" to the kernel
@@ -200,10 +199,18 @@ def boolean(value: Any) -> bool:
 
 
 def size(value: Any) -> int:
-    match = SIZE_RE.match(str(value))
-    if not match or int(match.group(1)) == 0:
-        raise _fail(f"{value!r}: expected a positive size in bytes, optionally with K, M, G or T")
-    return int(match.group(1)) * SIZE_UNITS[match.group(2)]
+    try:
+        return quota.parse_size(str(value))
+    except ValueError:
+        raise _fail(f"{value!r}: expected {quota.SIZE_RULE}") from None
+
+
+def amount(value: Any) -> int | str:
+    """A quota (``limits { min_free }``...): a size, or ``"N%"`` of the file system."""
+    try:
+        return quota.parse_amount(str(value)).plain()
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
 
 
 def window(value: Any) -> int:
@@ -341,6 +348,12 @@ LIMITS = _block(
         vol.Optional("max_batch"): once(positive),
     }
 )
+# Quotas that push back (issue 14, dlogd/quota.py): the spool's on a client,
+# each store's file system on a collector.
+CLIENT_LIMITS = LIMITS.extend(
+    {vol.Optional("spool_max_size"): once(amount), vol.Optional("spool_min_free"): once(amount)}
+)
+SERVER_LIMITS = LIMITS.extend({vol.Optional("min_free"): once(amount)})
 CLIENT_HOST = _block(
     {
         vol.Optional("address"): once(host_name),
@@ -367,7 +380,7 @@ CLIENT = _block(
     {
         vol.Optional("spool"): once(absolute_path),
         vol.Optional("tls"): TLS,
-        vol.Optional("limits"): LIMITS,
+        vol.Optional("limits"): CLIENT_LIMITS,
         vol.Optional("retry"): _block(
             {vol.Optional("min"): once(duration), vol.Optional("max"): once(duration)}
         ),
@@ -390,7 +403,7 @@ CLIENT = _block(
 SERVER = _block(
     {
         vol.Optional("tls"): TLS,
-        vol.Optional("limits"): LIMITS,
+        vol.Optional("limits"): SERVER_LIMITS,
         vol.Optional("partials"): _block(
             {
                 vol.Optional("max_age"): once(duration),

@@ -36,7 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from dlogd import journal
-from dlogd.backoff import RetryState, record_run
+from dlogd.backoff import RetryState, delay, record_run
 from dlogd.config import DEFAULT_CLIENT_CONFIG, ClientConfig, Host, load_client, load_logged
 from dlogd.crash import crash_point
 from dlogd.driver import Driver
@@ -45,6 +45,7 @@ from dlogd.shipwire import (
     DATA_HEADER,
     Accept,
     AlreadyStored,
+    Code,
     Connection,
     ConnectionClosed,
     EndOfData,
@@ -84,7 +85,8 @@ class CollectorResult:
     delivered: int = 0
     duplicates: int = 0
     held: int = 0  # refused for good: kept, not offered again until the hold ends
-    failed: int = 0  # refused or failed for now: the collector is retried later
+    deferred: int = 0  # refused for now (TEMPORARY_FAILURE): that file held, not the collector
+    failed: int = 0  # failed for now otherwise: the collector is retried later
     error: str | None = None
     next_attempt: float | None = None  # set when deferred or failed
 
@@ -94,7 +96,7 @@ class CollectorResult:
         return (
             self.error is None
             and not self.failed
-            and self.delivered + self.duplicates + self.held >= self.owed
+            and self.delivered + self.duplicates + self.held + self.deferred >= self.owed
         )
 
     @property
@@ -105,6 +107,8 @@ class CollectorResult:
         text = f"{self.host}: {self.delivered + self.duplicates}/{self.owed} delivered"
         if self.held or self.failed:
             text += f", {self.held} held after a refusal, {self.failed} failed"
+        if self.deferred:
+            text += f", {self.deferred} refused for now (held, retried later)"
         if self.error:
             text += f" ({self.error})"
         if self.next_attempt is not None:
@@ -257,7 +261,9 @@ class Delivery:
             out = self.outgoing.pop(event.file_id)
             os.close(out.fd)
             what = f"{type(event).__name__.lower()}: {event.code.name}: {event.message}"
-            if event.code.temporary:
+            if event.code is Code.TEMPORARY_FAILURE:
+                what += self._hold_for_now(out.entry, what)
+            elif event.code.temporary:
                 self.outcome.failed += 1
             else:
                 # Refused for good: hold this one file, not the whole collector.
@@ -270,6 +276,16 @@ class Delivery:
             self.link.send(Pong(event.nonce))
         elif isinstance(event, Error):
             raise ShipError(f"collector ended the connection: {event.code.name}: {event.message}")
+
+    def _hold_for_now(self, entry: Entry, what: str) -> str:
+        """The collector cannot take this one file now (its store below ``min_free``, a
+        full disk, its partial busy): hold the file, with a backoff of its own, and
+        go on with the rest; the collector is not backed off for it (issue 14)."""
+        self.outcome.deferred += 1
+        tries = self.spool.hold_tries(entry, self.host.name) + 1
+        until = time.time() + delay(self.config.retry, tries)
+        self.spool.hold(entry, self.host.name, until, what, tries=tries)
+        return f"; held for now, offered again after {time.strftime('%H:%M:%S', time.localtime(until))}"
 
     def _record(
         self, message_id: str, what: str, out: _Outgoing, *, priority: int = 6, **fields: str | int

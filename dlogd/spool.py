@@ -10,6 +10,7 @@ Layout under the root (default /var/spool/dlogd; docs/spool.md has the why)::
     <root>/<keyword>/.tmp/                 copies being written (O_TMPFILE, else temp names)
     <root>/.retry/<host>.json              the shipper's backoff per collector (``backoff``)
     <root>/.drain.lock                     held (flock) by the one drain running
+    <root>/.quota.lock                     held (flock) by the add being measured against a quota
 
 Order of an add: markers built and fsynced under a temporary name, renamed to
 ``.owed/<entry>`` (which also claims the entry name), ``.owed`` fsynced, the
@@ -47,10 +48,12 @@ from dlogd import journal
 from dlogd.crash import crash_point
 from dlogd.fsutil import DIR_FLAGS
 from dlogd.names import BASENAME_RE, HOST_RE, KEYWORD_RE, entry_name
+from dlogd.quota import Amount, Refusal, Space, refusal
 
 OWED_DIR = ".owed"
 TRIGGER = ".submitted"
 DRAIN_LOCK = ".drain.lock"
+QUOTA_LOCK = ".quota.lock"
 RETRY_DIR = ".retry"
 _TMP = ".tmp"
 _NEW_PREFIX = ".new-"
@@ -71,6 +74,18 @@ class DrainBusy(Exception):
         who = f" (pid {holder})" if holder else ""
         super().__init__(f"another dlogd-ship is draining {root}{who}")
         self.holder = holder
+
+
+class SpoolFull(OSError):
+    """An add would take the spool past ``spool_max_size`` or below ``spool_min_free``.
+
+    ENOSPC, so a caller that only looks at errno sees "no space", as from the disk.
+    Nothing already in the spool is ever dropped to make room (issue 14).
+    """
+
+    def __init__(self, why: Refusal) -> None:
+        super().__init__(errno.ENOSPC, f"spool full: {why.reason}")
+        self.refusal = why
 
 
 @dataclass(frozen=True)
@@ -194,10 +209,20 @@ class Spool:
 
     use_o_tmpfile = True  # tests switch this off to cover the temp-name path
 
-    def __init__(self, root: str, *, create: bool = False) -> None:
+    def __init__(
+        self,
+        root: str,
+        *,
+        create: bool = False,
+        max_size: Amount | None = None,
+        min_free: Amount | None = None,
+    ) -> None:
         if create:
             os.makedirs(root, 0o750, exist_ok=True)
         self.root = root
+        # The quotas adds are held to (``limits { spool_max_size; spool_min_free; }``).
+        self.max_size = max_size
+        self.min_free = min_free
         self.root_fd = os.open(root, DIR_FLAGS)
         self._dirs: dict[str, _KeywordDir] = {}
         self._touched: dict[int, None] = {}  # ordered set of dir fds awaiting fsync
@@ -256,16 +281,66 @@ class Spool:
             _check_name("host", host, HOST_RE)
         kdir = self._keyword(keyword)
         lock_fd = self._lock(fcntl.LOCK_SH)
+        # With a quota, adds are measured and made one at a time: two measured
+        # together could each fit and both go past it.
+        quota_fd = self._quota_lock() if self.max_size or self.min_free else None
         try:
             st = os.fstat(source_fd)
             source = None if caller is None else _Source.of(caller, keyword, st)
             if source is not None and (found := self._resubmitted(kdir, source)) is not None:
-                return found
+                return found  # a resubmit adds nothing: answered even when full
             return self._add_locked(
                 kdir, keyword, source_fd, st, basename, hosts, copy, now, source
             )
         finally:
+            if quota_fd is not None:
+                os.close(quota_fd)
             os.close(lock_fd)
+
+    def _quota_lock(self) -> int:
+        fd = os.open(
+            QUOTA_LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+            dir_fd=self.root_fd,
+        )  # fmt: skip
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def check_room(self, kdir_fd: int, adding: int, size: int) -> None:
+        """Raise :class:`SpoolFull` if an entry of ``size`` bytes, ``adding`` of them new
+        on the spool's file system (0 for a hard link), would go past a quota."""
+        if self.max_size is None and self.min_free is None:
+            return
+        used = self.usage() if self.max_size is not None else 0
+        why = refusal(
+            adding,
+            Space.of_fd(kdir_fd),
+            min_free=self.min_free,
+            used=used,
+            max_used=self.max_size,
+            size=size,
+        )
+        if why is not None:
+            raise SpoolFull(why)
+
+    def usage(self) -> int:
+        """Bytes of every entry waiting in the spool, linked or copied (what
+        ``spool_max_size`` bounds): one stat per entry."""
+        total = 0
+        for keyword in self.keywords():
+            fd = self._keyword(keyword).fd
+            with os.scandir(fd) as entries:
+                for item in entries:
+                    if item.name.startswith("."):
+                        continue
+                    with contextlib.suppress(FileNotFoundError):
+                        st = item.stat(follow_symlinks=False)
+                        if stat.S_ISREG(st.st_mode):
+                            total += st.st_size
+        return total
 
     def _add_locked(
         self,
@@ -280,7 +355,9 @@ class Spool:
         source: _Source | None,
     ) -> Added:
         tmp: _TempCopy | None = None
-        if copy or st.st_dev != os.fstat(kdir.fd).st_dev:
+        copying = copy or st.st_dev != os.fstat(kdir.fd).st_dev
+        self.check_room(kdir.fd, st.st_size if copying else 0, st.st_size)
+        if copying:
             tmp = self._copy(kdir, source_fd, st.st_size)
         else:
             _fsync_source(source_fd)
@@ -313,6 +390,7 @@ class Spool:
         except OSError as e:
             if e.errno not in _LINK_FALLBACK:
                 raise
+        self.check_room(kdir.fd, size, size)  # a copy after all: it takes room
         tmp = self._copy(kdir, source_fd, size)
         try:
             _link_fd(tmp.fd, kdir.fd, name)
@@ -559,9 +637,12 @@ class Spool:
         finally:
             os.close(fd)
 
-    def hold(self, entry: Entry, host: str, until: float, reason: str) -> None:
-        """``host`` refused ``entry`` for good: stop offering it there until ``until``.
+    def hold(self, entry: Entry, host: str, until: float, reason: str, *, tries: int = 0) -> None:
+        """``host`` refused ``entry``: stop offering it there until ``until``.
 
+        For good (a permanent refusal), or with ``tries`` for now: the
+        ``tries``-th temporary refusal in a row of this one file (a store below
+        ``min_free``, a full disk), which holds the file, not its collector.
         The entry stays owed (nothing refused is ever dropped) and the reason is
         written into the host's marker, for the operator and for the shipper.
         Not fsynced: losing a hold in a crash costs one more offer.
@@ -575,28 +656,43 @@ class Spool:
                 tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640,
                 dir_fd=fd,
             )  # fmt: skip
+            record: dict[str, object] = {"until": until, "reason": reason}
+            if tries:
+                record["tries"] = tries
             with os.fdopen(out, "w") as handle:
-                json.dump({"until": until, "reason": reason}, handle)
+                json.dump(record, handle)
             os.rename(tmp, host, src_dir_fd=fd, dst_dir_fd=fd)
         finally:
             os.close(fd)
 
     def held_until(self, entry: Entry, host: str) -> tuple[float, str]:
         """(until, reason) of a hold; (0, "") when there is none."""
+        hold = self._hold_record(entry, host)
+        try:
+            return float(hold["until"]), str(hold["reason"])  # type: ignore[arg-type]
+        except (ValueError, KeyError, TypeError):
+            return 0.0, ""
+
+    def hold_tries(self, entry: Entry, host: str) -> int:
+        """How many temporary refusals in a row the hold on ``entry`` counts (0: none)."""
+        tries = self._hold_record(entry, host).get("tries", 0)
+        return tries if isinstance(tries, int) and tries > 0 else 0
+
+    def _hold_record(self, entry: Entry, host: str) -> dict[str, object]:
         kdir = self._keyword(entry.keyword)
         try:
             fd = os.open(entry.name, DIR_FLAGS, dir_fd=kdir.owed)
         except FileNotFoundError:
-            return 0.0, ""
+            return {}
         try:
             marker = os.open(host, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
             with os.fdopen(marker) as handle:
                 hold = json.load(handle)
-            return float(hold["until"]), str(hold["reason"])
-        except (OSError, ValueError, KeyError, TypeError):
-            return 0.0, ""
+        except (OSError, ValueError):
+            return {}
         finally:
             os.close(fd)
+        return hold if isinstance(hold, dict) else {}
 
     def open_entry(self, entry: Entry) -> int:
         """A read-only descriptor on the entry's file (never through a symlink)."""
@@ -954,9 +1050,13 @@ class SharedSpool:
     def acknowledge(self, entry: Entry, host: str) -> None:
         self.acks.put((entry, host))
 
-    def hold(self, entry: Entry, host: str, until: float, reason: str) -> None:
+    def hold(self, entry: Entry, host: str, until: float, reason: str, *, tries: int = 0) -> None:
         with self.lock:
-            self.spool.hold(entry, host, until, reason)
+            self.spool.hold(entry, host, until, reason, tries=tries)
+
+    def hold_tries(self, entry: Entry, host: str) -> int:
+        with self.lock:
+            return self.spool.hold_tries(entry, host)
 
     def _apply_acks(self) -> None:
         # Every item is marked done whatever happens, so that commit() never waits

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 from dlogd.fsutil import DIR_FLAGS, hash_fd
 from dlogd.names import MAX_CONFLICTS, STORED_NAME_RULE, conflict_name, is_stored_name
+from dlogd.quota import Amount, Refusal, Space, refusal
 
 PARTIAL_DIR = ".dlogd-partial"
 WRITEBACK_CHUNK = 32 * 1024 * 1024
@@ -59,6 +60,15 @@ class PartialBusy(StoreError):
 
     def __init__(self, name: str) -> None:
         super().__init__(f"{name}: another connection is uploading this file now", temporary=True)
+
+
+class NoRoom(StoreError):
+    """The file system cannot take an offer's bytes, or only by going below
+    ``limits { min_free }``: refused for now, the figures in ``refusal``."""
+
+    def __init__(self, name: str, directory: str, why: Refusal) -> None:
+        super().__init__(f"{name}: {why.reason} in {directory}", temporary=True)
+        self.refusal = why
 
 
 class NameConflict(StoreError):
@@ -375,14 +385,19 @@ class Store:
                 f"{self.directory}: {exc.strerror}", temporary=_temporary(exc)
             ) from None
 
-    def check_space(self, name: str, size: int, sha256: bytes) -> None:
-        """Refuse, for now, an offer whose remaining bytes the file system cannot take.
+    def check_space(
+        self, name: str, size: int, sha256: bytes, min_free: Amount | None = None
+    ) -> None:
+        """Refuse, for now (:class:`NoRoom`), an offer whose remaining bytes the file
+        system cannot take, or only by leaving less than ``min_free`` free.
 
         Asked at the offer, so a sender is not made to send the data of a file
         only to hear FAILED at its end (and again on every retry). Counts what
         an unprivileged writer may use (f_bavail) less what the partial of this
-        offer already holds; other uploads may still take the room meanwhile,
-        so a write can still fail with ENOSPC and is handled where it does.
+        offer already holds; the rule is :func:`dlogd.quota.refusal`, the one
+        the client's spool quota uses. Other uploads may still take the room
+        meanwhile, so a write can still fail with ENOSPC and is handled where
+        it does.
         """
         try:
             held = os.stat(
@@ -391,18 +406,14 @@ class Store:
         except OSError:
             held = 0
         try:
-            fs = os.fstatvfs(self.partial_fd)
+            space = Space.of_fd(self.partial_fd)
         except OSError as exc:
             raise StoreError(
                 f"{self.directory}: {exc.strerror}", temporary=_temporary(exc)
             ) from None
-        free = fs.f_bavail * fs.f_frsize
-        needed = max(size - held, 0)
-        if needed > free:
-            raise StoreError(
-                f"{name}: {needed} bytes to receive, {free} free in {self.directory}",
-                temporary=True,
-            )
+        why = refusal(max(size - held, 0), space, min_free=min_free, size=size)
+        if why is not None:
+            raise NoRoom(name, self.directory, why)
 
     def holds_partial(self, name: str, size: int, sha256: bytes) -> bool:
         """Is there a partial of this offer to resume (so no new one is needed)?"""

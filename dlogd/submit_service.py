@@ -41,7 +41,8 @@ from dlogd.config import (
 from dlogd.crash import crash_point
 from dlogd.fsutil import DIR_FLAGS
 from dlogd.names import BadBasename, entry_basename
-from dlogd.spool import Added, Spool
+from dlogd.quota import Space
+from dlogd.spool import Added, Spool, SpoolFull
 from dlogd.submitwire import Request, Response, SubmitCode, WireError
 
 MAX_FDS_PER_MESSAGE = 16  # room to notice (and close) extra descriptors
@@ -49,8 +50,10 @@ SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
 _UCRED = struct.Struct("iII")
 _GID = struct.Struct("I")
 _MAX_GROUPS = 65536
-# Spool failures a later retry may cure; anything else is INTERNAL.
-_TEMPORARY = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EAGAIN, errno.EMFILE})
+# Spool failures a later retry may cure; anything else is INTERNAL. No room is
+# SPOOL_FULL, whether a quota or the disk itself said so.
+_TEMPORARY = frozenset({errno.EIO, errno.EAGAIN, errno.EMFILE})
+_NO_ROOM = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
 class BadRequest(Exception):
@@ -138,6 +141,7 @@ class Handled:
     request: Request
     response: Response
     added: Added | None = None
+    fields: dict[str, int] = field(default_factory=dict)  # sizes for the journal (SPOOL_FULL)
 
 
 # -- the socket layer --------------------------------------------------------------
@@ -261,9 +265,12 @@ def read_request(stream: Stream) -> Received | None:
 
 
 class RequestRefused(Exception):
-    def __init__(self, code: SubmitCode, message: str) -> None:
+    def __init__(
+        self, code: SubmitCode, message: str, fields: dict[str, int] | None = None
+    ) -> None:
         super().__init__(message)
         self.code = code
+        self.fields = fields or {}
 
 
 class Handler:
@@ -273,13 +280,17 @@ class Handler:
         self.config = config
         self.spool = spool
         self.auth = Authorizer(peer)
+        # Set by the first SPOOL_FULL: the later requests of this connection are
+        # refused too, so a batch is spooled as an in-order prefix (issue 14).
+        self.full = False
 
     def handle(self, received: Received) -> Handled:
         request = received.request
         try:
             added = self._spool(request, received.fd)
         except RequestRefused as e:
-            return Handled(request, Response(e.code, str(e)))
+            self.full = self.full or e.code is SubmitCode.SPOOL_FULL
+            return Handled(request, Response(e.code, str(e)), fields=e.fields)
         return Handled(request, Response(SubmitCode.OK, added.path, added.size), added)
 
     def _spool(self, request: Request, fd: int) -> Added:
@@ -297,6 +308,13 @@ class Handler:
             basename = entry_basename(request.path)
         except BadBasename as e:
             raise RequestRefused(SubmitCode.BAD_NAME, str(e)) from None
+        if self.full:
+            raise RequestRefused(
+                SubmitCode.SPOOL_FULL,
+                "spool full: an earlier file on this connection was refused, so no later"
+                " one is spooled before it",
+                {"size": size},
+            )
         try:
             return self.spool.add(
                 keyword.name,
@@ -306,8 +324,14 @@ class Handler:
                 copy=keyword.copy,
                 caller=self.auth.peer.uid,  # a resubmit by the same caller gets the same entry
             )
+        except SpoolFull as e:
+            raise RequestRefused(
+                SubmitCode.SPOOL_FULL,
+                e.strerror or "spool full",
+                {"size": size, **e.refusal.fields()},
+            ) from None
         except OSError as e:
-            raise _spool_failure(e, size) from None
+            raise _spool_failure(e, size, self.spool.root_fd) from None
         except ValueError as e:
             raise RequestRefused(SubmitCode.INTERNAL, f"bad configuration: {e}") from None
 
@@ -339,8 +363,13 @@ def _check_descriptor(fd: int, limits: Limits) -> int:
     return st.st_size
 
 
-def _spool_failure(e: OSError, size: int) -> RequestRefused:
+def _spool_failure(e: OSError, size: int, spool_fd: int) -> RequestRefused:
     reason = f"spooling {size} bytes failed: {os.strerror(e.errno or 0)}"
+    if e.errno in _NO_ROOM:
+        fields = {"size": size}
+        with contextlib.suppress(OSError):
+            fields["free"] = Space.of_fd(spool_fd).free
+        return RequestRefused(SubmitCode.SPOOL_FULL, f"spool full: {reason}", fields)
     code = SubmitCode.TEMPORARY_FAILURE if e.errno in _TEMPORARY else SubmitCode.INTERNAL
     return RequestRefused(code, reason)
 
@@ -363,7 +392,12 @@ def serve_connection(
         _refuse_all(stream, peer, SubmitCode.INTERNAL, f"service misconfigured: {config_error}")
         return
     try:
-        spool = Spool(config.spool, create=True)
+        spool = Spool(
+            config.spool,
+            create=True,
+            max_size=config.quota.max_size,
+            min_free=config.quota.min_free,
+        )
     except OSError as e:
         reason = f"spool {config.spool}: {os.strerror(e.errno or 0)}"
         _refuse_all(stream, peer, SubmitCode.INTERNAL, f"service misconfigured: {reason}")
@@ -470,10 +504,11 @@ def _commit(spool: Spool, outcomes: list[Handled]) -> None:
     except OSError as e:
         # Entries linked but not known durable: answer failure so the caller
         # retries. A retry may ship the file twice, never zero times.
-        failure = _spool_failure(e, 0)
+        failure = _spool_failure(e, 0, spool.root_fd)
         for o in outcomes:
             if o.added is not None:
                 o.response = Response(failure.code, str(failure))
+                o.fields = failure.fields
                 o.added = None
 
 
@@ -519,6 +554,7 @@ def _report(outcome: Handled, peer: Peer) -> None:
             pid=peer.pid,
             path=path,
             reason=response.code.name,
+            **outcome.fields,
         )
 
 

@@ -34,6 +34,7 @@ class SubmitCode(enum.IntEnum):
     BAD_NAME = 6
     TEMPORARY_FAILURE = 7
     INTERNAL = 8
+    SPOOL_FULL = 9  # limits { spool_max_size; spool_min_free; } or the disk: retry later
 
     @property
     def errno(self) -> int:
@@ -50,6 +51,7 @@ _ERRNO = {
     SubmitCode.BAD_NAME: errno.EINVAL,
     SubmitCode.TEMPORARY_FAILURE: errno.EAGAIN,
     SubmitCode.INTERNAL: errno.EIO,
+    SubmitCode.SPOOL_FULL: errno.ENOSPC,
 }
 
 

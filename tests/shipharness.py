@@ -367,6 +367,14 @@ def owed_hosts(spool: Path, entry: str, keyword: str = KEYWORD) -> set[str]:
     return {p.name for p in owed.iterdir()} if owed.exists() else set()
 
 
+def wait_until_unheld(spool: Path, host: str, timeout: float = 30.0) -> None:
+    """Wait for every hold on ``host`` to end: a file refused for now (TEMPORARY_FAILURE)
+    is held with a backoff of its own (issue 14), as a collector is after a failure."""
+    with Spool(str(spool)) as sp:
+        ends = [sp.held_until(e, host)[0] for e in sp.pending() if host in e.held]
+    wait_for(lambda: time.time() > max(ends, default=0.0), timeout, f"the holds on {host} to end")
+
+
 def retry_state(spool: Path, host: str) -> dict[str, float] | None:
     import json
 
@@ -459,6 +467,32 @@ def _read_all_within(proc: subprocess.Popen[bytes], timeout: float) -> str:
             if not chunk:
                 return b"".join(chunks).decode(errors="replace")
             chunks.append(chunk)
+
+
+# --- small real disks ----------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def tmpfs(mountpoint: Path, size: str) -> Iterator[Path]:
+    """A real tmpfs of ``size`` (``"20M"``) at ``mountpoint``: a disk that fills up (root only)."""
+    mountpoint.mkdir(parents=True, exist_ok=True)
+    try:
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(mountpoint)],
+            check=True,
+            capture_output=True,
+        )
+    except (subprocess.CalledProcessError, FileNotFoundError) as exc:
+        pytest.fail(f"this test mounts a tmpfs (run as root): {exc}")
+    try:
+        yield mountpoint
+    finally:
+        subprocess.run(["umount", "-l", str(mountpoint)], capture_output=True)
+
+
+def resize(mountpoint: Path, size: str) -> None:
+    """Grow (or shrink) a :func:`tmpfs` in place: space freed, or taken, under a service."""
+    subprocess.run(["mount", "-o", f"remount,size={size}", str(mountpoint)], check=True)
 
 
 # --- the collector's side of the disk -----------------------------------------------------

@@ -430,8 +430,8 @@ def _one_answer(sock_path: Path, answer: bytes) -> threading.Thread:
     [
         (b"HTTP/1.1 200 OK\r\n\r\n", "ERR EPROTO malformed answer from dlogd: bad magic"),
         (
-            b"DLR1\x09\x00\x00\x00" + bytes(8),
-            "ERR EPROTO malformed answer from dlogd: unknown code 9",
+            b"DLR1\x0a\x00\x00\x00" + bytes(8),
+            "ERR EPROTO malformed answer from dlogd: unknown code 10",
         ),
         (
             b"DLR1\x00\x00\x10\x01" + bytes(8),

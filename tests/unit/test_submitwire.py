@@ -197,7 +197,7 @@ def _response_header(
     [
         (_response_header(magic=b"DLR0"), "magic"),
         (_response_header(magic=REQUEST_MAGIC), "magic"),
-        (_response_header(code=9), "unknown response code 9"),
+        (_response_header(code=10), "unknown response code 10"),
         (_response_header(code=255), "unknown response code 255"),
         (_response_header(mlen=MAX_MESSAGE + 1), "message length 4097"),
         (_response_header(mlen=0xFFFF), "message length 65535"),
