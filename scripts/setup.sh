@@ -12,10 +12,11 @@ cd "$(dirname "$0")/.."
 # (sshd in each lab host). python3-cryptography: community.crypto on the lab
 # hosts (their Python is /usr/bin/python3). vagrant: `vagrant validate` of
 # vagrant/Vagrantfile (no provider is needed for that). time: a child's own peak
-# RSS in the memory tests.
+# RSS in the memory tests. auditd, logrotate: dlogd-watch is tested against the
+# real ones (tests/process/test_auditd_watch.py, examples/logrotate.d).
 PACKAGES="libsystemd-dev pkg-config systemd systemd-container iproute2 gcc make \
 python3-venv python3-cryptography rsync socat openssh-client openssh-server acl \
-util-linux vagrant pandoc groff-base man-db time"
+util-linux vagrant pandoc groff-base man-db time auditd logrotate"
 
 missing=""
 for p in $PACKAGES; do

@@ -196,8 +196,16 @@ def submit_service(conf: Path, sock: Path, log: Path, cache: Path) -> Iterator[N
 
 
 @contextlib.contextmanager
-def watch_world(user: WatchUser, name: str) -> Iterator[WatchWorld]:
-    """Directories with the owners the units give them; the submit service running."""
+def watch_world(
+    user: WatchUser,
+    name: str,
+    *,
+    tls: TLSFiles | None = None,
+    hosts: Mapping[str, Host] | None = None,
+) -> Iterator[WatchWorld]:
+    """Directories with the owners the units give them; the submit service running.
+
+    ``tls`` and ``hosts``: the collectors the config names, when a test ships."""
     root = Path(tempfile.mkdtemp(prefix=f"dlogd-watch-{name}-"))
     try:
         root.chmod(0o755)
@@ -211,6 +219,10 @@ def watch_world(user: WatchUser, name: str) -> Iterator[WatchWorld]:
             root, user, logs, root / "submit.sock", private / "spool",
             private / "service.log", root / "client.conf", state, cache,
         )  # fmt: skip
+        if tls is not None:
+            world.tls = tls
+        if hosts is not None:
+            world.hosts = hosts
         world.configure(world.watch())
         with submit_service(world.conf, world.socket, world.service_log, private / "cache"):
             yield world
