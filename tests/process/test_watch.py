@@ -393,3 +393,55 @@ def test_it_refuses_to_run_as_root_or_as_a_user_with_no_watch(site: WatchWorld) 
     other = site.run()
     assert other.returncode == 1
     assert f"no watch block in {site.conf} names user {site.user.uid}" in other.stderr
+
+
+# --- examples/logrotate.d/dlogd-example with the real logrotate ----------------------------
+
+LOGROTATE_EXAMPLE = REPO / "examples" / "logrotate.d" / "dlogd-example"
+
+
+def logrotate(site: WatchWorld, log: Path) -> subprocess.CompletedProcess[str]:
+    """``logrotate -f`` of the example, for ``log`` instead of /var/log/app/app.log; dlogctl
+    is this checkout's (the example honours $DLOGCTL), talking to the test's service."""
+    if shutil.which("logrotate") is None:
+        pytest.fail("logrotate is not installed (Debian package logrotate; scripts/setup.sh)")
+    example = LOGROTATE_EXAMPLE.read_text()
+    assert example.count("/var/log/app/app.log {") == 1
+    conf = write(
+        site.root / "logrotate.conf", example.replace("/var/log/app/app.log", str(log)).encode()
+    )
+    dlogctl = site.root / "dlogctl"
+    dlogctl.write_text(f'#!/bin/sh\nexec {sys.executable} -m dlogd.cli "$@"\n')
+    dlogctl.chmod(0o755)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "DLOGCTL": str(dlogctl),
+           "DLOGD_SOCKET": str(site.socket)}  # fmt: skip
+    return subprocess.run(
+        ["logrotate", "-f", "-s", str(site.root / "logrotate.state"), str(conf)],
+        capture_output=True, text=True, check=False, env=env,
+    )  # fmt: skip
+
+
+def test_the_logrotate_example_submits_each_rotated_file_once(site: WatchWorld) -> None:
+    """dateext + delaycompress: the file just rotated is submitted, never the .gz of the one before."""
+    # logrotate runs as root; copy: it will not compress a file the spool still links.
+    app = ClientKeyword("app", frozenset({0}), frozenset(), ("logs1",), copy=True)
+    site.configure(keywords=[app])
+    log = write(site.logs / "app.log", b"day 1\n")
+    first = logrotate(site, log)
+    assert first.returncode == 0, first.stderr
+    [rotated] = sorted(p.name for p in site.logs.iterdir() if p.name != "app.log")
+    assert rotated.startswith("app.log-")  # dateext
+    assert [
+        p.name.split(".", 1)[1] for p in (site.spool / "app").iterdir() if p.name[0] != "."
+    ] == [rotated]
+    # The next day: yesterday's file, still uncompressed (delaycompress), and new lines.
+    (site.logs / rotated).rename(site.logs / "app.log-19991231")
+    log.write_bytes(b"day 2\n")
+    second = logrotate(site, log)
+    assert second.returncode == 0, second.stderr
+    assert sorted(p.name for p in site.logs.iterdir()) == [
+        "app.log", "app.log-19991231.gz", rotated,
+    ]  # fmt: skip
+    entries = sorted(p for p in (site.spool / "app").iterdir() if not p.name.startswith("."))
+    assert sorted(p.read_bytes() for p in entries) == [b"day 1\n", b"day 2\n"]
+    assert all(p.name.endswith("." + rotated) for p in entries)
