@@ -13,10 +13,12 @@ cd "$(dirname "$0")/.."
 # hosts (their Python is /usr/bin/python3). vagrant: `vagrant validate` of
 # vagrant/Vagrantfile (no provider is needed for that). time: a child's own peak
 # RSS in the memory tests. auditd, logrotate: dlogd-watch is tested against the
-# real ones (tests/process/test_auditd_watch.py, examples/logrotate.d).
+# real ones (tests/process/test_auditd_watch.py, examples/logrotate.d). ceph-*,
+# radosgw: the archive tier's single-node Ceph (tests/archive; no Recommends).
 PACKAGES="libsystemd-dev pkg-config systemd systemd-container iproute2 gcc make \
 python3-venv python3-cryptography rsync socat openssh-client openssh-server acl \
-util-linux vagrant pandoc groff-base man-db time auditd logrotate"
+util-linux vagrant pandoc groff-base man-db time auditd logrotate \
+ceph-mon ceph-osd ceph-mgr radosgw ceph-common"
 
 missing=""
 for p in $PACKAGES; do
@@ -37,4 +39,4 @@ if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip 2>/dev/null || true
-.venv/bin/python -m pip install -q -e '.[test,fleet]'
+.venv/bin/python -m pip install -q -e '.[test,fleet,archive]'
