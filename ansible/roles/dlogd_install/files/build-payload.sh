@@ -83,7 +83,9 @@ cp "$units/sysusers.d/dlogd.conf" "$tmp/etc/sysusers.d/"
 cp "$units/tmpfiles.d/dlogd.conf" "$tmp/etc/tmpfiles.d/"
 chmod 0644 "$tmp"/etc/*/dlogd.conf
 archive etc.tar "$tmp/etc"
-client="dlogd-submit.socket dlogd-submit@.service dlogd-ship.service dlogd-ship.path dlogd-ship.timer"
+# dlogd-watch.*: enabled by the client role only where watch { } blocks are configured.
+client="dlogd-submit.socket dlogd-submit@.service dlogd-ship.service dlogd-ship.path dlogd-ship.timer \
+    dlogd-watch.service dlogd-watch.path dlogd-watch.timer"
 server="dlogd-receive.socket dlogd-receive@.service"
 for role in client server both; do
     case $role in
@@ -112,6 +114,7 @@ ln -s "libdlogd.so.${version%%.*}" "$local/lib/libdlogd.so"
 install -m 0644 "$source/clib/dlogd.h" "$local/include/"
 install -m 0644 "$source/clib/build/dlogd.pc" "$local/lib/pkgconfig/"
 install -m 0644 "$source/docs/systemd.md" "$local/share/doc/dlogd/"
+install -m 0644 "$source/docs/watch.md" "$local/share/doc/dlogd/"  # dlogd-watch.*'s Documentation=
 find "$local" -type d -exec chmod 0755 {} +
 archive usr-local.tar "$local"
 
