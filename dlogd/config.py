@@ -121,6 +121,24 @@ class ClientConfig:
     watches: Mapping[str, Watch] = field(default_factory=dict)  # by directory
 
 
+DEFAULT_ARCHIVE_KEY = "<keyword>/<host>/<yyyy>/<mm>/<name>"
+
+
+@dataclass(frozen=True)
+class Archive:
+    """A collector's ``archive { }``: where stored files are copied for good (dlogd/archive.py)."""
+
+    endpoint: str  # http(s)://host:port of the S3 gateway
+    bucket: str  # made by the store's operator, with Object Lock enabled
+    credentials: str  # an AWS-style credentials file readable by the archiving user only
+    retention_days: int  # Object Lock retention of each archived version
+    region: str = "us-east-1"
+    mode: str = "governance"  # or "compliance": not even the bucket owner may shorten it
+    key: str = DEFAULT_ARCHIVE_KEY
+    keep_local_days: int | None = None  # None: keep the local copy for ever
+    keywords: tuple[str, ...] = ()  # archived keywords; empty: every keyword
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     keywords: Mapping[str, ServerKeyword]
@@ -130,6 +148,7 @@ class ServerConfig:
     partials: PartialLimits = field(default_factory=PartialLimits)
     sources: tuple[str, ...] = ()
     min_free: Amount | None = None  # ``limits { min_free }``: kept free on each store's file system
+    archive: Archive | None = None
 
 
 _Config = TypeVar("_Config", "ClientConfig", "ServerConfig")
@@ -335,6 +354,21 @@ def build(
         partials=_partials(data.get("partials", {})),
         sources=files,
         min_free=from_plain(data.get("limits", {}).get("min_free")),
+        archive=_archive(data["archive"]) if "archive" in data else None,
+    )
+
+
+def _archive(block: Mapping[str, Any]) -> Archive:
+    return Archive(
+        endpoint=block["endpoint"],
+        bucket=block["bucket"],
+        credentials=block["credentials"],
+        retention_days=block["retention"],
+        region=_get(block, "region", Archive.region),
+        mode=_get(block, "mode", Archive.mode),
+        key=_get(block, "key", Archive.key),
+        keep_local_days=_get(block, "keep_local", None),
+        keywords=tuple(_all(block, "keyword")),
     )
 
 
@@ -439,6 +473,8 @@ def to_text(config: ClientConfig | ServerConfig) -> str:
             lines.append(f"keyword {quote(skw.name)} {{")
             lines += [f"    host {quote(h)} dir {quote(d)};" for h, d in skw.dirs.items()]
             lines.append("}")
+        if config.archive is not None:
+            lines += _archive_lines(config.archive)
     for host in config.hosts.values():
         lines.append(f"host {quote(host.name)} {{")
         lines.append(f"    address {quote(host.address)};")
@@ -456,6 +492,25 @@ def _quota_lines(config: ClientConfig | ServerConfig) -> list[str]:
     else:
         named = {"min_free": config.min_free}
     return [f"    {name} {value.text()};" for name, value in named.items() if value is not None]
+
+
+def _archive_lines(archive: Archive) -> list[str]:
+    from dlogd.conflang import quote
+
+    keep = "forever" if archive.keep_local_days is None else f"{archive.keep_local_days}d"
+    return [
+        "archive {",
+        f"    endpoint {quote(archive.endpoint)};",
+        f"    bucket {quote(archive.bucket)};",
+        f"    region {quote(archive.region)};",
+        f"    credentials {quote(archive.credentials)};",
+        f"    retention {archive.retention_days}d;",
+        f"    mode {archive.mode};",
+        f"    key {quote(archive.key)};",
+        f"    keep_local {keep};",
+        *(f"    keyword {quote(k)};" for k in archive.keywords),
+        "}",
+    ]
 
 
 def _watch_lines(watch: Watch) -> list[str]:

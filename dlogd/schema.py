@@ -282,6 +282,83 @@ def watch_user(value: Any) -> int | str:
     return user
 
 
+# -- the collector's archive { } block (issue 11, dlogd/archive.py) --
+
+ENDPOINT_RE = re.compile(r"https?://[A-Za-z0-9_.:\[\]-]+(?::[0-9]{1,5})?/?\Z")
+# S3 bucket names as AWS and RGW accept them (no dots: path-style and TLS both work).
+BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9-]{1,61}[a-z0-9]\Z")
+REGION_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}\Z")
+DAYS_RE = re.compile(r"([0-9]+)(d|y)\Z")
+KEY_FIELDS = ("keyword", "host", "collector", "yyyy", "mm", "dd", "name")
+KEY_REQUIRED = ("keyword", "host", "name")  # what makes one stored file's key its own
+KEY_FIELD_RE = re.compile(r"<([a-z]+)>")
+KEY_TEXT_RE = re.compile(r"[A-Za-z0-9_.=@%+,/-]*\Z")
+
+
+def endpoint(value: Any) -> str:
+    url = text(value)
+    if not ENDPOINT_RE.match(url):
+        raise _fail(f"{url!r}: expected an http:// or https:// URL of host and port only")
+    return url.rstrip("/")
+
+
+def bucket(value: Any) -> str:
+    name = text(value)
+    if not BUCKET_RE.match(name):
+        raise _fail(f"{name!r}: expected a bucket name (3-63 of a-z 0-9 -)")
+    return name
+
+
+def region(value: Any) -> str:
+    name = text(value)
+    if not REGION_RE.match(name):
+        raise _fail(f"{name!r}: expected a region name (a-z 0-9 -)")
+    return name
+
+
+def days(value: Any) -> int:
+    """A retention period: whole days ``3650d`` or years of 365 days ``10y``."""
+    match = DAYS_RE.match(str(value))
+    if not match or int(match.group(1)) == 0 or int(match.group(1)) > 100_000:
+        raise _fail(f"{value!r}: expected a number of days or years above 0: 30d, 10y")
+    return int(match.group(1)) * (365 if match.group(2) == "y" else 1)
+
+
+def keep_local(value: Any) -> int | None:
+    """How long a verified archived file stays on the collector: ``30d``, ``0d``, ``forever``."""
+    if value == "forever":
+        return None
+    if value in ("0d", "0y"):
+        return 0
+    try:
+        return days(value)
+    except vol.Invalid:
+        raise _fail(f"{value!r}: expected a number of days (30d, 0d) or forever") from None
+
+
+def lock_mode(value: Any) -> str:
+    if value not in ("governance", "compliance"):
+        raise _fail(f"{value!r}: expected governance or compliance")
+    return str(value)
+
+
+def key_pattern(value: Any) -> str:
+    """An object key pattern: text and ``<field>``s, one stored file one key."""
+    pattern = text(value)
+    fields = KEY_FIELD_RE.findall(pattern)
+    unknown = [f for f in fields if f not in KEY_FIELDS]
+    if unknown:
+        raise _fail(f"<{unknown[0]}>: expected one of " + " ".join(f"<{f}>" for f in KEY_FIELDS))
+    missing = [f for f in KEY_REQUIRED if f not in fields]
+    if missing:
+        raise _fail(f"{pattern!r}: a key must hold <{missing[0]}> (two files, one key otherwise)")
+    rest = KEY_FIELD_RE.sub("x", pattern)
+    segments = rest.split("/")
+    if not KEY_TEXT_RE.match(rest) or "" in segments or ".." in segments or "." in segments:
+        raise _fail(f"{pattern!r}: expected segments of A-Z a-z 0-9 _ . = @ % + , - between '/'")
+    return pattern
+
+
 def host_dir(value: Any) -> tuple[str, str]:
     """The collector's ``host "web1" dir "/path";`` line."""
     if not isinstance(value, list) or len(value) != 3 or value[1] != "dir":
@@ -400,9 +477,23 @@ CLIENT = _block(
         vol.Optional("watch"): {watch_dir: WATCH},
     }
 )
+ARCHIVE = _block(
+    {
+        vol.Required("endpoint", msg="an archive needs an endpoint line"): once(endpoint),
+        vol.Required("bucket", msg="an archive needs a bucket line"): once(bucket),
+        vol.Optional("region"): once(region),
+        vol.Required("credentials", msg="an archive needs a credentials line"): once(absolute_path),
+        vol.Required("retention", msg="an archive needs a retention line"): once(days),
+        vol.Optional("mode"): once(lock_mode),
+        vol.Optional("key"): once(key_pattern),
+        vol.Optional("keep_local"): once(keep_local),
+        vol.Optional("keyword"): each(one_value(identifier)),
+    }
+)
 SERVER = _block(
     {
         vol.Optional("tls"): TLS,
+        vol.Optional("archive"): ARCHIVE,
         vol.Optional("limits"): SERVER_LIMITS,
         vol.Optional("partials"): _block(
             {
@@ -488,7 +579,21 @@ def _cross_check(data: dict[str, Any], role: str, shaped: Shaped) -> list[Proble
             problems.extend(_check_dirs(kw_name, keyword, shaped))
     if role == "client":
         problems.extend(_check_watches(data, shaped))
+    else:
+        problems.extend(_check_archive(data, shaped))
     return problems
+
+
+def _check_archive(data: dict[str, Any], shaped: Shaped) -> list[Problem]:
+    keywords = data.get("keyword", {})
+    return [
+        Problem(
+            shaped.locate(("archive", "keyword", i)),
+            f'archive names keyword "{name}", which has no keyword block',
+        )
+        for i, name in enumerate(data.get("archive", {}).get("keyword", []))
+        if name not in keywords
+    ]
 
 
 def _check_watches(data: dict[str, Any], shaped: Shaped) -> list[Problem]:

@@ -5,7 +5,7 @@ stored into a real radosgw (tests/archive/cephlab.py), never a mock. The
 cluster starts once per session (about 15 s), the first time a test asks for
 ``ceph``; each test gets a bucket of its own, created with Object Lock, so
 tests cannot see each other's objects. Every test here is marked ``archive``
-and ``slow``. Needs root and the Debian Ceph packages (scripts/setup.sh).
+and ``slow`` (the config checks beside them, which need no cluster, are not). Needs root and the Debian Ceph packages (scripts/setup.sh).
 """
 
 from __future__ import annotations
@@ -25,9 +25,12 @@ if TYPE_CHECKING:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test here that needs the cluster is ``archive`` and ``slow``; the config
+    and credentials checks beside them need no cluster and stay in the fast set."""
     here = Path(__file__).parent
     for item in items:
-        if here in Path(item.path).parents:
+        uses = getattr(item, "fixturenames", ())
+        if here in Path(item.path).parents and "ceph" in uses:
             item.add_marker(pytest.mark.archive)
             item.add_marker(pytest.mark.slow)
 
