@@ -223,6 +223,7 @@ class Spool:
         # The quotas adds are held to (``limits { spool_max_size; spool_min_free; }``).
         self.max_size = max_size
         self.min_free = min_free
+        self._quota_fd: int | None = None  # the quota lock, while held (_measuring)
         self.root_fd = os.open(root, DIR_FLAGS)
         self._dirs: dict[str, _KeywordDir] = {}
         self._touched: dict[int, None] = {}  # ordered set of dir fds awaiting fsync
@@ -281,9 +282,6 @@ class Spool:
             _check_name("host", host, HOST_RE)
         kdir = self._keyword(keyword)
         lock_fd = self._lock(fcntl.LOCK_SH)
-        # With a quota, adds are measured and made one at a time: two measured
-        # together could each fit and both go past it.
-        quota_fd = self._quota_lock() if self.max_size or self.min_free else None
         try:
             st = os.fstat(source_fd)
             source = None if caller is None else _Source.of(caller, keyword, st)
@@ -293,21 +291,36 @@ class Spool:
                 kdir, keyword, source_fd, st, basename, hosts, copy, now, source
             )
         finally:
-            if quota_fd is not None:
-                os.close(quota_fd)
             os.close(lock_fd)
 
-    def _quota_lock(self) -> int:
+    @property
+    def _quotas(self) -> bool:
+        return self.max_size is not None or self.min_free is not None
+
+    @contextlib.contextmanager
+    def _measuring(self) -> Iterator[None]:
+        """With a quota, what an add is measured against stays put until it is counted.
+
+        Two adds measured together could each fit and both go past the quota, so
+        measuring and becoming countable (an entry linked, or a copy's room
+        reserved under .tmp) happen under one flock; the copying itself does not,
+        so a big copy does not hold up other submits. Re-entrant: a link that
+        falls back to a copy measures again under the lock it holds.
+        """
+        if not self._quotas or self._quota_fd is not None:
+            yield
+            return
         fd = os.open(
             QUOTA_LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
             dir_fd=self.root_fd,
         )  # fmt: skip
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
-        except BaseException:
+            self._quota_fd = fd
+            yield
+        finally:
+            self._quota_fd = None
             os.close(fd)
-            raise
-        return fd
 
     def check_room(self, kdir_fd: int, adding: int, size: int) -> None:
         """Raise :class:`SpoolFull` if an entry of ``size`` bytes, ``adding`` of them new
@@ -327,19 +340,21 @@ class Spool:
             raise SpoolFull(why)
 
     def usage(self) -> int:
-        """Bytes of every entry waiting in the spool, linked or copied (what
-        ``spool_max_size`` bounds): one stat per entry."""
+        """Bytes of every entry waiting in the spool, linked or copied, and of the
+        copies being made (their room is reserved): what ``spool_max_size`` bounds.
+        One stat per entry."""
         total = 0
         for keyword in self.keywords():
-            fd = self._keyword(keyword).fd
-            with os.scandir(fd) as entries:
-                for item in entries:
-                    if item.name.startswith("."):
-                        continue
-                    with contextlib.suppress(FileNotFoundError):
-                        st = item.stat(follow_symlinks=False)
-                        if stat.S_ISREG(st.st_mode):
-                            total += st.st_size
+            kdir = self._keyword(keyword)
+            for fd in (kdir.fd, kdir.tmp):
+                with os.scandir(fd) as entries:
+                    for item in entries:
+                        if item.name.startswith("."):
+                            continue
+                        with contextlib.suppress(FileNotFoundError):
+                            st = item.stat(follow_symlinks=False)
+                            if stat.S_ISREG(st.st_mode):
+                                total += st.st_size
         return total
 
     def _add_locked(
@@ -355,24 +370,25 @@ class Spool:
         source: _Source | None,
     ) -> Added:
         tmp: _TempCopy | None = None
-        copying = copy or st.st_dev != os.fstat(kdir.fd).st_dev
-        self.check_room(kdir.fd, st.st_size if copying else 0, st.st_size)
-        if copying:
-            tmp = self._copy(kdir, source_fd, st.st_size)
+        if copy or st.st_dev != os.fstat(kdir.fd).st_dev:
+            tmp = self._copy(kdir, source_fd, st.st_size)  # measured as it reserves room
         else:
             _fsync_source(source_fd)
         try:
-            when = int(time.time() if now is None else now)
-            name = self._claim(kdir, basename, hosts, when, source)
-            crash_point("after-owed")
-            try:
+            with self._measuring():
                 if tmp is None:
-                    tmp = self._link_or_copy(kdir, source_fd, st.st_size, name)
-                else:
-                    _link_fd(tmp.fd, kdir.fd, name)
-            except BaseException:
-                _remove_owed(kdir, name)
-                raise
+                    self.check_room(kdir.fd, 0, st.st_size)  # a link takes no room
+                when = int(time.time() if now is None else now)
+                name = self._claim(kdir, basename, hosts, when, source)
+                crash_point("after-owed")
+                try:
+                    if tmp is None:
+                        tmp = self._link_or_copy(kdir, source_fd, st.st_size, name)
+                    else:
+                        _link_fd(tmp.fd, kdir.fd, name)
+                except BaseException:
+                    _remove_owed(kdir, name)
+                    raise
         finally:
             if tmp is not None:
                 tmp.discard(kdir)
@@ -390,8 +406,7 @@ class Spool:
         except OSError as e:
             if e.errno not in _LINK_FALLBACK:
                 raise
-        self.check_room(kdir.fd, size, size)  # a copy after all: it takes room
-        tmp = self._copy(kdir, source_fd, size)
+        tmp = self._copy(kdir, source_fd, size)  # a copy after all: measured again
         try:
             _link_fd(tmp.fd, kdir.fd, name)
         except BaseException:
@@ -489,9 +504,21 @@ class Spool:
         raise OSError(errno.EEXIST, f"no free entry name for {basename!r} at {now}")
 
     def _copy(self, kdir: _KeywordDir, source_fd: int, size: int) -> _TempCopy:
-        tmp = _TempCopy.create(kdir, self.use_o_tmpfile)
+        with self._measuring():
+            self.check_room(kdir.fd, size, size)
+            # With a quota the copy's room is taken before the lock is let go, under a
+            # name usage() counts: measured by the next add, never handed out twice.
+            tmp = _TempCopy.create(kdir, self.use_o_tmpfile and not self._quotas)
+            try:
+                if self._quotas:
+                    _reserve(tmp.fd, size)
+            except BaseException:
+                tmp.discard(kdir)
+                raise
         try:
             tmp.size = _copy_bytes(source_fd, tmp.fd, size)
+            if self._quotas and tmp.size != size:
+                os.ftruncate(tmp.fd, tmp.size)  # the file shrank: not the room reserved
             os.fsync(tmp.fd)
         except BaseException:
             tmp.discard(kdir)
@@ -865,6 +892,20 @@ def _copy_bytes(src: int, dst: int, size: int) -> int:
             break  # the file shrank meanwhile: spool what there is
         offset += n
     return offset
+
+
+def _reserve(fd: int, size: int) -> None:
+    """Take ``size`` bytes of room for a copy now: free space drops (``spool_min_free``)
+    and the file's size is the copy's (``spool_max_size``) before a byte is copied.
+    Where the file system cannot allocate ahead, only the size is set."""
+    if size == 0:
+        return
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            raise
+        os.ftruncate(fd, size)
 
 
 def _fsync_source(fd: int) -> None:

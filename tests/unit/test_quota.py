@@ -229,6 +229,30 @@ def test_spool_max_size_refuses_and_keeps_what_is_spooled(tmp_path: Path) -> Non
         assert [e.name for e in spool.pending()] == sorted([first, second])
 
 
+def test_a_copy_in_flight_is_counted_by_the_next_add(tmp_path: Path) -> None:
+    """A copy reserves its room before the quota lock is let go (it copies outside it),
+    so a second submitter measuring meanwhile sees it: no quota handed out twice."""
+    a, b = tmp_path / "a.log", tmp_path / "b.log"
+    a.write_bytes(b"a" * 600)
+    b.write_bytes(b"b" * 600)
+    root = str(tmp_path / "spool")
+    quota = Amount(bytes=1000)
+    with Spool(root, create=True, max_size=quota) as first, Spool(root, max_size=quota) as other:
+        kdir = first._keyword("audit")
+        fd = os.open(a, os.O_RDONLY)
+        try:
+            copying = first._copy(kdir, fd, 600)  # copied, not yet linked as an entry
+        finally:
+            os.close(fd)
+        assert other.usage() == 600
+        with pytest.raises(SpoolFull, match="over the limit of 1000"):
+            add(other, b, copy=True)
+        copying.discard(kdir)  # that add gave up: its room is free again
+        assert other.usage() == 0
+        add(other, b, copy=True)
+        assert other.usage() == 600
+
+
 def test_a_resubmit_is_answered_even_when_full(tmp_path: Path) -> None:
     path = tmp_path / "a.log"
     path.write_bytes(b"x" * 600)
