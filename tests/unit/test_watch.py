@@ -326,3 +326,28 @@ def test_only_this_users_watches_run() -> None:
     cfg = client_with({"/a": mine, "/b": other})
     assert watch.mine(cfg, 1234) == [mine]
     assert watch.mine(cfg, watch.resolve_user("daemon") or -1) == [other]
+
+
+def test_a_file_replaced_after_the_scan_is_not_sent_under_the_old_identity(tmp_path: Path) -> None:
+    """A rotation between scan and submit: the name now holds another file, which the next
+    scan will see; the descriptor handed over is always the file whose identity is recorded."""
+    logs, state_dir = tmp_path / "logs", tmp_path / "state"
+    logs.mkdir()
+    state_dir.mkdir()
+    (logs / "audit.log.1").write_text("old\n")
+    (logs / "audit.log.2").write_text("kept\n")
+    fd = watch.open_directory(str(logs))
+    try:
+        scanned = sorted(watch.scan(fd), key=lambda s: s.name)
+        (logs / "audit.log.1").rename(logs / "audit.log.3")
+        (logs / "new").write_text("new\n")
+        (logs / "new").rename(logs / "audit.log.1")
+        with watch._handed_over(fd, scanned, str(state_dir)) as opened:
+            replaced, kept = opened
+            assert isinstance(replaced[1], FileNotFoundError)
+            assert isinstance(kept[1], str)
+            assert Path(kept[1]).name == "audit.log.2"
+            assert Path(kept[1]).read_text() == "kept\n"  # through /proc/self/fd: that file
+    finally:
+        os.close(fd)
+    assert not (state_dir / ".submitting").exists()
