@@ -41,12 +41,12 @@ def lab_venv(lab_checkout: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def lab() -> Iterator[Lab]:
-    """Hosts logs1 (192.0.2.10), web1 (.11), web2 (.12), booted and wired."""
+    """Hosts logs1 (192.0.2.10), web1 (.11), web2 (.12), web3 (.13), booted and wired."""
     tools = ("systemd-nspawn", "nsenter", "ip", "ssh", "ssh-keygen", "sshd")
     missing = [tool for tool in tools if shutil.which(tool) is None]
     if os.geteuid() != 0 or missing:
         pytest.skip(f"lab needs root and {missing or 'these tools'}: see shared LAB.md")
-    the_lab = Lab()
+    the_lab = Lab(labfleet.TEST_HOSTS)
     the_lab.start()
     try:
         yield the_lab

@@ -29,11 +29,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from labhosts import REPO, Lab, LabError, LabHost, in_lab, wait_until
+from labhosts import DEFAULT_HOSTS, REPO, Lab, LabError, LabHost, in_lab, wait_until
 
 KEYWORD = "audit"
 COLLECTOR = "logs1"
 CLIENTS = ("web1", "web2")
+# The tests' lab has one more client, outside the inventory until the test
+# that adds it (the demo boots only DEFAULT_HOSTS).
+SPARE_CLIENT = "web3"
+TEST_HOSTS = {**DEFAULT_HOSTS, SPARE_CLIENT: "192.0.2.13"}
 PORT = 7878
 TLS_DIR = "/etc/dlogd/tls"
 CLIENT_CONF = "/etc/dlogd/client.conf"
@@ -136,10 +140,12 @@ class Fleet:
         *args: str,
         fleet_vars: Mapping[str, Any] | None = None,
         host_vars: Mapping[str, Mapping[str, Any]] | None = None,
+        clients: Sequence[str] = CLIENTS,
     ) -> PlaybookRun:
         """Write the inventory (default: the lab's description) and run site.yml with ``args``."""
-        write_inventory(self.inventory_dir, self.lab, fleet_vars or self.description(), host_vars)
-        return run_playbook(self.lab, self.checkout, self.inventory_dir, *args)
+        description = fleet_vars or self.description()
+        write_inventory(self.inventory_dir, self.lab, description, host_vars, clients=clients)
+        return run_playbook(self.lab, self.source, self.inventory_dir, *args)
 
     def submit_c(self, host: LabHost, user: str, keyword: str, *paths: str) -> list[str]:
         """Submit through libdlogd as ``user``; one "OK entry" / "ERR NAME msg" per path."""
@@ -219,7 +225,11 @@ def write_inventory(
 
 
 def run_playbook(lab: Lab, checkout: Path, inventory_dir: Path, *args: str) -> PlaybookRun:
-    """``ansible-playbook site.yml`` from ``checkout/ansible``, in the control node's namespace."""
+    """``ansible-playbook site.yml`` from ``checkout/ansible``, in the control node's namespace.
+
+    ``checkout`` is the session's snapshot (:func:`snapshot`): roles and
+    payload from one version, whatever is edited in the working tree meanwhile.
+    """
     bindir = Path(sys.executable).parent
     argv = lab.on_control_node([str(bindir / "ansible-playbook"), "-i",
                                 str(inventory_dir / "hosts.yml"), "site.yml", *args])  # fmt: skip
@@ -233,16 +243,40 @@ def run_playbook(lab: Lab, checkout: Path, inventory_dir: Path, *args: str) -> P
     started = time.monotonic()
     done = subprocess.run(argv, cwd=checkout / "ansible", env=env, capture_output=True,
                           text=True, check=False, timeout=900)  # fmt: skip
-    return PlaybookRun(argv, done.returncode, done.stdout + done.stderr, time.monotonic() - started)
+    run = PlaybookRun(argv, done.returncode, done.stdout + done.stderr, time.monotonic() - started)
+    record_playbook_run(run, list(args))
+    return run
+
+
+PLAYBOOK_LOG = REPO / "build" / "lab" / "playbook-runs.jsonl"
+
+
+def record_playbook_run(run: PlaybookRun, args: list[str]) -> None:
+    """One line per rollout (duration, recap) for docs/ansible.md's measured table."""
+    PLAYBOOK_LOG.parent.mkdir(parents=True, exist_ok=True)
+    line = {"at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "args": args,
+            "seconds": round(run.seconds, 1), "returncode": run.returncode,
+            "changed": run.changed(), "load": os.getloadavg()[0]}  # fmt: skip
+    with PLAYBOOK_LOG.open("a") as log:
+        log.write(json.dumps(line) + "\n")
 
 
 def snapshot(checkout: Path, directory: Path) -> Path:
-    """Copy what the install role takes from a checkout into ``directory``.
+    """Copy what the playbook and the install role take from a checkout into ``directory``.
 
-    The session rolls out this one version: edits made to the checkout
-    meanwhile (by whoever works in it) cannot make a no-change run change.
+    The session rolls out this one version, roles included: edits made to the
+    checkout meanwhile (by whoever works in it) cannot make a no-change run
+    change, nor pair new roles with an old payload.
     """
-    keep = ("pyproject.toml", "README.md", "dlogd", "systemd", "clib", "docs/systemd.md")
+    keep = (
+        "pyproject.toml",
+        "README.md",
+        "dlogd",
+        "systemd",
+        "clib",
+        "docs",  # the payload installs the units' documentation and the man pages
+        "ansible",
+    )
     skip = shutil.ignore_patterns("__pycache__", "build", "*.o", "*.so")
     for item in keep:
         source, target = checkout / item, directory / item
@@ -270,7 +304,7 @@ def install_fleet(
     source = snapshot(checkout, inventory_dir / "source")
     build_wheelhouse(source, checkout / "build" / "ansible-wheelhouse")
     uids = set()
-    for name in CLIENTS:
+    for name in (*CLIENTS, *(n for n in [SPARE_CLIENT] if n in lab.hosts)):
         client = lab[name]
         uids.add(add_test_users(client))
         make_checkout_reachable(client, in_lab(checkout))
@@ -282,7 +316,7 @@ def install_fleet(
         **install_vars(checkout, source),
     }
     write_inventory(inventory_dir, lab, fleet_vars)
-    first = run_playbook(lab, checkout, inventory_dir).check()
+    first = run_playbook(lab, source, inventory_dir).check()
     return Fleet(lab, checkout, alice_uid, inventory_dir, first, source)
 
 

@@ -6,8 +6,10 @@ fresh hosts (tests/lab/labfleet.py); these tests look at what it built
 launchers), then run the playbook again the way an operator does: with no
 change (nothing may change), in check mode, with a bad value (the working
 config stays), with a certificate inside its renewal window (re-issued and
-used from the next connection, nothing restarted) and with a client taken
-off a keyword (the collector refuses it). Each test that changes the fleet
+used from the next connection, nothing restarted), with a client taken
+off a keyword (the collector refuses it), and with a new keyword and a
+third client, web3 (it works end to end; the collector gains exactly that
+permission; nothing else restarts). Each test that changes the fleet
 description rolls the lab's own description out again before it ends, so
 the scenarios in the other lab modules run on the fleet they expect.
 
@@ -30,6 +32,7 @@ from labfleet import (
     KEYWORD,
     SERVER_CONF,
     SERVER_UNITS,
+    SPARE_CLIENT,
     TLS_DIR,
     Fleet,
     PlaybookRun,
@@ -39,8 +42,12 @@ from labfleet import (
     wait_for_files,
 )
 from labhosts import LabHost, wait_until
+from prometheus_client.parser import text_string_to_metric_families
 
 from dlogd import journal
+
+NEW_KEYWORD = "app"  # the keyword the web3 test adds
+METRICS_FILE = "/var/lib/prometheus/node-exporter/dlogd.prom"
 
 
 def dump(host: LabHost, role: str) -> dict[str, Any]:
@@ -203,3 +210,69 @@ def test_client_taken_off_a_keyword_is_refused_by_the_collector(restore: Fleet) 
         assert unit_invocations(logs1, SERVER_UNITS) == units
     finally:
         web2.run(["systemctl", "start", "dlogd-ship.path", "dlogd-ship.timer"])
+
+
+def flat(tree: Any, path: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+    """A nested config dump as {key path: leaf}, to compare two dumps key by key."""
+    if isinstance(tree, dict) and tree:
+        return {k: v for key, sub in tree.items() for k, v in flat(sub, (*path, key)).items()}
+    return {path: tree}
+
+
+def test_new_keyword_third_client_and_metrics_file_without_restarts(restore: Fleet) -> None:
+    """One rollout that grows the fleet (a keyword, web3) and gives web1 a metrics file."""
+    fleet = restore
+    web1, web3, logs1 = fleet.lab["web1"], fleet.lab[SPARE_CLIENT], fleet.collector
+    description = fleet.description()
+    description["dlogd_keywords"] = [
+        *description["dlogd_keywords"],
+        {"name": NEW_KEYWORD, "collectors": ["dlogd_collectors"]},
+    ]
+    description["dlogd_submitters"] = [
+        *description["dlogd_submitters"],
+        {"keyword": NEW_KEYWORD, "hosts": [SPARE_CLIENT], "uids": [fleet.alice_uid]},
+    ]
+    before = flat(dump(logs1, "server"))
+    units = all_invocations(fleet)
+
+    metrics = {"web1": {"dlogd_client_prometheus_file": METRICS_FILE}}
+    run = fleet.rollout(
+        fleet_vars=description, host_vars=metrics, clients=(*CLIENTS, SPARE_CLIENT)
+    ).check()
+
+    assert run.recap[SPARE_CLIENT]["changed"] > 0, run.recap_text
+    after = flat(dump(logs1, "server"))
+    # The collector gained exactly web3 as a host and its two keywords (audit
+    # through dlogd_clients, the new one by name); nothing it had changed.
+    assert {k: v for k, v in after.items() if k in before} == before
+    gained = {k for k in after if k not in before}
+    new_permissions = [("hosts", SPARE_CLIENT), ("keywords", NEW_KEYWORD),
+                       ("keywords", KEYWORD, "dirs", SPARE_CLIENT)]  # fmt: skip
+
+    def under(key: tuple[str, ...], prefix: tuple[str, ...]) -> bool:
+        return key[: len(prefix)] == prefix
+
+    assert all(any(under(k, p) for p in new_permissions) for k in gained), gained
+    assert all(any(under(k, p) for k in gained) for p in new_permissions), gained
+    assert all_invocations(fleet) == units, "a rollout that adds a client restarted others"
+
+    path = "/home/alice/from-web3.log"
+    web3.write_file(path, b"third client\n" * 500, 0o600, owner="alice")
+    [answer] = fleet.submit_py(web3, "alice", NEW_KEYWORD, path)
+    assert answer.startswith(f"OK {NEW_KEYWORD}/"), answer
+    name = answer.split("/", 1)[1]
+    directory = fleet.store_dir(SPARE_CLIENT, NEW_KEYWORD)
+    wait_for_files(logs1, directory, [name], timeout=40)
+    stored = sha256s(logs1, [f"{directory}/{name}"])[name]
+    assert stored == sha256s(web3, [path])["from-web3.log"]
+
+    # The shipper's next run (any run: the timer's) rewrites web1's metrics file.
+    def written() -> bool:
+        found = web1.run(["test", "-s", METRICS_FILE], check=False)
+        return found.returncode == 0
+
+    wait_until(written, 30, f"dlogd-ship to write {METRICS_FILE} on web1")
+    families = text_string_to_metric_families(web1.read_file(METRICS_FILE).decode())
+    assert "dlogd_status_generated_timestamp_seconds" in {f.name for f in families}
+    owner = web1.run(["stat", "-c", "%U", METRICS_FILE]).stdout.strip()
+    assert owner == "dlogd", "the shipper, as user dlogd, writes the file"

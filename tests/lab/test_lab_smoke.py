@@ -125,6 +125,17 @@ def test_install_creates_users_and_private_directories(installed: Lab) -> None:
     assert targets.stdout.split() == ["/etc/systemd/system/dlogd-submit.socket"] * 2
 
 
+def test_man_pages_are_installed_and_found_by_man(installed: Lab) -> None:
+    web1 = installed["web1"]
+    found = web1.run("man -w dlogctl && man -w 5 dlogd.conf").stdout.split()
+    assert found == [
+        "/usr/local/share/man/man1/dlogctl.1",
+        "/usr/local/share/man/man5/dlogd.conf.5",
+    ]
+    page = web1.run(["man", "-P", "cat", "dlogctl"], env={"MANWIDTH": "80"}).stdout
+    assert "dlogctl status" in page
+
+
 def test_install_twice_changes_nothing(installed: Lab, lab_checkout: Path, lab_venv: Path) -> None:
     web1 = installed["web1"]
     before = tree_digest(web1)

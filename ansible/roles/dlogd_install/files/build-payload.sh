@@ -9,8 +9,9 @@
 #   OUTDIR/etc.tar          sysusers.d and tmpfiles.d declarations (for /etc)
 #   OUTDIR/units-ROLE.tar   the units of ROLE (client, server, both), for
 #                           /etc/systemd/system
-#   OUTDIR/usr-local.tar    libdlogd, its header and pkg-config file, and the
-#                           units' documentation (for /usr/local)
+#   OUTDIR/usr-local.tar    libdlogd, its header and pkg-config file, the
+#                           units' documentation and the man pages dlogctl(1)
+#                           and dlogd.conf(5) (for /usr/local)
 # Prints one JSON line: {"changed": BOOL, "digest": "SHA-256 of the wheels",
 # "wheel": "dlogd's wheel file name"}.
 #
@@ -106,7 +107,8 @@ done
 
 make -s -C "$source/clib" all >&2
 local=$tmp/usr-local
-mkdir -p "$local/lib/pkgconfig" "$local/include" "$local/share/doc/dlogd"
+mkdir -p "$local/lib/pkgconfig" "$local/include" "$local/share/doc/dlogd" \
+    "$local/share/man/man1" "$local/share/man/man5"
 version=$(sed -n 's/^VERSION *:= *//p' "$source/clib/Makefile")
 install -m 0755 "$source/clib/build/libdlogd.so.$version" "$local/lib/"
 ln -s "libdlogd.so.$version" "$local/lib/libdlogd.so.${version%%.*}"
@@ -115,6 +117,9 @@ install -m 0644 "$source/clib/dlogd.h" "$local/include/"
 install -m 0644 "$source/clib/build/dlogd.pc" "$local/lib/pkgconfig/"
 install -m 0644 "$source/docs/systemd.md" "$local/share/doc/dlogd/"
 install -m 0644 "$source/docs/watch.md" "$local/share/doc/dlogd/"  # dlogd-watch.*'s Documentation=
+# Generated from docs/*.md by scripts/manpages.sh; a test keeps them current.
+install -m 0644 "$source/docs/man/dlogctl.1" "$local/share/man/man1/"
+install -m 0644 "$source/docs/man/dlogd.conf.5" "$local/share/man/man5/"
 find "$local" -type d -exec chmod 0755 {} +
 archive usr-local.tar "$local"
 
