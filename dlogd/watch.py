@@ -45,6 +45,7 @@ from typing import Final
 from dlogd import client, journal
 from dlogd.config import DEFAULT_CLIENT_CONFIG, ClientConfig, Watch, load_client, load_logged
 from dlogd.conflang import untrusted
+from dlogd.crash import crash_point
 from dlogd.fsutil import DIR_FLAGS
 
 # Stable ids (docs/watch.md); generated once with uuid4.
@@ -508,6 +509,9 @@ def _submit_batch(
             )
             outcome.retry = True
             return
+    # Spooled but not yet recorded: the next run submits these again, and the
+    # spool answers a resubmit by the same caller with the entry it already has.
+    crash_point("watch-after-submit")
     for (seen, _), result in zip(sendable, results, strict=True):
         path = os.path.join(watch.directory, seen.name)
         if isinstance(result, client.Submitted):

@@ -115,11 +115,14 @@ class WatchWorld:
               keyword: str = KEYWORD) -> Watch:  # fmt: skip
         return Watch(str(self.logs), pattern, keyword, self.user.name, quiet)
 
-    def run(self, *, socket: Path | None = None, as_root: bool = False) -> WatchRun:
-        """One run of dlogd-watch, as dlogd-watch.service starts it."""
+    def run(
+        self, *, socket: Path | None = None, as_root: bool = False, crash_at: str = ""
+    ) -> WatchRun:
+        """One run of dlogd-watch, as dlogd-watch.service starts it (``crash_at``: the
+        dlogd.crash point where it is killed with SIGKILL)."""
         argv = ["--config", str(self.conf), "--state-dir", str(self.state),
                 "--socket", str(socket or self.socket)]  # fmt: skip
-        return run_as(None if as_root else self.user, argv, self.cache)
+        return run_as(None if as_root else self.user, argv, self.cache, crash_at)
 
     def spooled(self) -> list[tuple[str, bytes]]:
         """Spool entries: (the name submitted under, without the timestamp; the bytes)."""
@@ -136,7 +139,7 @@ class WatchWorld:
         return parse_records(self.service_log.read_text(errors="replace"))
 
 
-def run_as(user: WatchUser | None, argv: list[str], cache: Path) -> WatchRun:
+def run_as(user: WatchUser | None, argv: list[str], cache: Path, crash_at: str = "") -> WatchRun:
     """``dlogd.watch.main(argv)`` in a child with the user's credentials; its output."""
     out_path = Path(tempfile.mkstemp(prefix="dlogd-watch-out-")[1])
     err_path = Path(tempfile.mkstemp(prefix="dlogd-watch-err-")[1])
@@ -152,6 +155,7 @@ def run_as(user: WatchUser | None, argv: list[str], cache: Path) -> WatchRun:
             sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115
             os.environ["DLOGD_CACHE_DIR"] = str(cache)
             os.environ.pop("DLOGD_SOCKET", None)
+            os.environ["DLOGD_TEST_CRASH_AT"] = crash_at
             if user is not None:
                 os.setgroups([])
                 os.setgid(user.gid)
@@ -342,6 +346,20 @@ def test_a_restarted_watch_submits_nothing_twice(site: WatchWorld) -> None:
         run = site.run()
         assert (run.returncode, run.of(watch.WATCH_SUBMITTED)) == (0, []), run.stderr
     assert len(site.spooled()) == 3
+
+
+def test_a_watch_killed_between_submit_and_record_does_not_spool_twice(site: WatchWorld) -> None:
+    """kill -9 after the service answered, before the state was written: the next run
+    submits again, and the spool recognises the same caller's same file."""
+    write(site.logs / "audit.log.1", b"once\n")
+    killed = site.run(crash_at="watch-after-submit")
+    assert killed.returncode == -9, killed.stderr
+    assert site.spooled() == [("audit.log.1", b"once\n")]
+    assert watch.read_states(str(site.state)).get(str(site.logs)) is None
+    again = site.run()
+    assert (again.returncode, len(again.of(watch.WATCH_SUBMITTED))) == (0, 1), again.stderr
+    assert site.spooled() == [("audit.log.1", b"once\n")]
+    assert site.run().of(watch.WATCH_SUBMITTED) == []
 
 
 def test_an_unreachable_service_is_retried_by_the_next_run(site: WatchWorld) -> None:
