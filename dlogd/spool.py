@@ -96,7 +96,7 @@ class Entry:
     name: str
     owed: frozenset[str]
     size: int
-    held: frozenset[str] = frozenset()  # owed hosts that refused it for good (see hold())
+    held: frozenset[str] = frozenset()  # owed hosts that refused it, for good or for now (hold())
 
 
 @dataclass(frozen=True)
