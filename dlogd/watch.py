@@ -411,14 +411,6 @@ def run_watch(
         _problem(watch, state, f"{watch.directory}: {exc}")
         return
     try:
-        if state.problem:
-            journal.send(
-                f"watching {watch.directory} again",
-                message_id=WATCH_PROBLEM,
-                priority=5,
-                directory=watch.directory,
-            )
-            state.problem = ""
         state.observe(scanned, now)
         decided = plan(watch, scanned, state, now)
         outcome.waiting += len(decided.waiting)
@@ -427,10 +419,18 @@ def run_watch(
                 watch,
                 state,
                 f"{watch.directory}: more than {MAX_FILES} files match {watch.pattern!r};"
-                f" {decided.skipped} left for later runs",
+                " the rest are left for later runs",
             )
+        elif state.problem:
+            journal.send(
+                f"watching {watch.directory} again",
+                message_id=WATCH_PROBLEM,
+                priority=5,
+                directory=watch.directory,
+            )
+            state.problem = ""
         for start in range(0, len(decided.submit), BATCH):
-            _submit_batch(
+            reached = _submit_batch(
                 watch,
                 state,
                 dir_fd,
@@ -441,6 +441,8 @@ def run_watch(
                 outcome=outcome,
             )
             save()
+            if not reached:
+                break  # the service is down: the next run tries again, once
     finally:
         os.close(dir_fd)
 
@@ -481,7 +483,8 @@ def _submit_batch(
     socket_path: str,
     now: float,
     outcome: Outcome,
-) -> None:
+) -> bool:
+    """Submit one connection's worth; False if the service could not be reached."""
     with _handed_over(dir_fd, batch, state_dir) as opened:
         sendable: list[tuple[Seen, str]] = []
         for seen, got in opened:
@@ -494,7 +497,7 @@ def _submit_batch(
             # ENOENT: gone (or renamed) since the scan; ELOOP: now a symlink. The
             # next scan sees whatever is there, under whichever name.
         if not sendable:
-            return
+            return True
         try:
             results = client.submit_many(
                 [link for _, link in sendable], watch.keyword, socket_path=socket_path
@@ -508,7 +511,7 @@ def _submit_batch(
                 keyword=watch.keyword,
             )
             outcome.retry = True
-            return
+            return False
     # Spooled but not yet recorded: the next run submits these again, and the
     # spool answers a resubmit by the same caller with the entry it already has.
     crash_point("watch-after-submit")
@@ -537,6 +540,7 @@ def _submit_batch(
                 keyword=watch.keyword,
             )
             outcome.retry = True
+    return True
 
 
 @contextlib.contextmanager

@@ -31,7 +31,7 @@ import pytest
 
 from dlogd import watch
 from dlogd.config import Host
-from tests.process.test_watch import WatchUser, WatchWorld, watch_user, watch_world
+from tests.process.test_watch_process import WatchUser, WatchWorld, watch_user, watch_world
 from tests.shipharness import (
     Pki,
     pki_set,

@@ -11,7 +11,8 @@ access checks and the service's per-keyword checks are therefore the real
 ones. Journal records come back as dlogd's stderr lines (no journal socket
 here). Configs are written with ``config.to_text``.
 
-The helpers are shared with tests/process/test_auditd_watch.py.
+The helpers are shared with tests/process/test_auditd_watch.py. (Not test_watch.py: the
+unit tier has that basename, and pytest needs unique ones.)
 """
 
 from __future__ import annotations
