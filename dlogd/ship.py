@@ -395,7 +395,8 @@ def drain(config: ClientConfig, *, now: float | None = None) -> list[CollectorRe
             )
         for outcome in done:
             _schedule(outcome, retry)
-            record_run(config.spool, outcome.host, time.time(), _failure(outcome))
+            # A file refused for now does not back the collector off, but is its last error.
+            record_run(config.spool, outcome.host, time.time(), _failure(outcome) or _held(outcome))
         return waiting + done
     finally:
         os.close(lock_fd)
@@ -461,6 +462,12 @@ def _failure(outcome: CollectorResult) -> str | None:
     if outcome.complete:
         return None
     return outcome.error or f"{outcome.failed} failed for now"
+
+
+def _held(outcome: CollectorResult) -> str | None:
+    if not outcome.deferred:
+        return None
+    return f"{outcome.deferred} refused for now (TEMPORARY_FAILURE), held and retried later"
 
 
 def _raise_fd_limit() -> None:

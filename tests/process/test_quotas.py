@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import errno
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -30,6 +31,7 @@ from pathlib import Path
 import pytest
 
 from dlogd import client, config, journal
+from dlogd.backoff import STATE_DIR
 from dlogd.config import ClientConfig, ServerConfig, SpoolQuota
 from dlogd.quota import Amount
 from dlogd.shipwire import Accept, Code, Data, EndOfData, Failed, Stored
@@ -348,6 +350,9 @@ def test_a_store_below_min_free_holds_that_file_and_no_collector(site: Site) -> 
             assert entry.held == {COLLECTOR} and spool.hold_tries(entry, COLLECTOR) == 1
         assert until > time.time() and "TEMPORARY_FAILURE" in reason
         assert "held for now" in first.stderr
+        # What `dlogctl status` shows for the collector: its last error, not a success.
+        last = json.loads((site.spool / STATE_DIR / f"{COLLECTOR}.json").read_text())
+        assert "1 refused for now" in last["last_error"] and "last_success" not in last
 
         # While the hold lasts the file is not offered again, and nothing else waits.
         second = site.ship(conf)
@@ -362,6 +367,9 @@ def test_a_store_below_min_free_holds_that_file_and_no_collector(site: Site) -> 
         third = site.ship(conf)
 
         assert third.returncode == 0, third.stderr
+        assert "last_success" in json.loads(
+            (site.spool / STATE_DIR / f"{COLLECTOR}.json").read_text()
+        )
         assert sha256_of(site.store_dir(COLLECTOR) / big_entry) == sha256_of(big)
         assert spool_entries(site.spool) == []
         assert partials(site.store_dir(COLLECTOR)) == []
