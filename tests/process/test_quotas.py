@@ -60,10 +60,11 @@ from tests.shipharness import (
     wait_for,
 )
 from tests.tlsfixtures import COLLECTOR
+from tests.unit.test_ship_session import World, converse, owed, submit, world
 
 pytestmark = pytest.mark.process
 
-__all__ = ["pki_set", "site"]
+__all__ = ["pki_set", "site", "world"]
 
 MiB = 1024**2
 KiB = 1024
@@ -411,6 +412,43 @@ def test_a_disk_that_fills_mid_file_keeps_the_partial_and_shows_nothing(site: Si
             again.close()
         assert (site.store_dir() / "big.log").read_bytes() == data
         assert partials(site.store_dir()) == []
+
+
+def test_a_disk_full_mid_file_holds_that_file_at_the_shipper(
+    world: World, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """The real shipper and collector back to back: three 3 MiB files offered in one
+    window to an 8 MiB store, each fitting when offered (before any data): the third
+    runs out of disk in the middle, FAILED TEMPORARY_FAILURE; the shipper holds that
+    one file for now (not failed, not the collector), the partial stays, nothing of it
+    is visible; with room again it resumes from the partial."""
+    with tmpfs(world.root / "remote", "8M") as disk:
+        contents = [os.urandom(3 * MiB) for _ in range(3)]
+        names = [submit(world, f"{n}.log", data) for n, data in enumerate(contents)]
+
+        first = converse(world, capfd)
+
+        out = first.outcome
+        assert (out.delivered, out.deferred, out.failed, out.error) == (2, 1, 0, None), out
+        assert out.complete, "a file refused for now does not back the collector off"
+        visible = visible_files(world.store())
+        assert visible == names[:2]
+        [partial] = partials(world.store())
+        kept = (world.store() / ".dlogd-partial" / partial).stat().st_size
+        assert 0 < kept < 3 * MiB
+        [left] = owed(world)
+        assert left.name == names[2] and left.held == {COLLECTOR}
+        with Spool(str(world.spool)) as spool:
+            assert spool.hold_tries(left, COLLECTOR) == 1
+            assert "failed: TEMPORARY_FAILURE" in spool.held_until(left, COLLECTOR)[1]
+
+        resize(disk, "32M")
+        second = converse(world, capfd)
+
+    assert (second.outcome.delivered, second.outcome.deferred) == (1, 0), second.outcome
+    resumed = [r for r in second.records if r.get("file") == names[2] and "resuming" in r.message]
+    assert resumed and resumed[0].message.rsplit(" ", 1)[-1] == str(kept)
+    assert owed(world) == []
 
 
 def fill(path: Path) -> None:
