@@ -223,6 +223,16 @@ def write_record(state: str, keyword: str, host: str, name: str, record: Record)
         os.close(dir_fd)
 
 
+def archived_dirs(config: ServerConfig) -> Iterator[tuple[str, str, str]]:
+    """(keyword, host, directory) of every store directory the archive block covers."""
+    archive = config.archive
+    for name, keyword in config.keywords.items():
+        if archive is None or (archive.keywords and name not in archive.keywords):
+            continue
+        for host, directory in keyword.dirs.items():
+            yield name, host, directory
+
+
 # --- local files -----------------------------------------------------------------------------
 
 
@@ -297,11 +307,7 @@ class Archiver:
         self.outcome = Outcome()
 
     def targets(self) -> Iterator[tuple[str, str, str]]:
-        for name, keyword in self.config.keywords.items():
-            if self.archive.keywords and name not in self.archive.keywords:
-                continue
-            for host, directory in keyword.dirs.items():
-                yield name, host, directory
+        return archived_dirs(self.config)
 
     def run(self) -> Outcome:
         """Raises :class:`dlogd.s3.ArchiveDown` when the store cannot be reached."""

@@ -135,6 +135,38 @@ def _status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _verify(args: argparse.Namespace) -> int:
+    """Local files, archive records and the archive compared (dlogd/verify.py)."""
+    from dlogd import archive, config, s3, verify
+
+    path = args.server or _default_config("server")
+    try:
+        server = config.load_server(path)
+        if server.archive is None:
+            print(f"DLOGD VERIFY UNKNOWN - {path} has no archive {{ }} block")
+            return verify.UNKNOWN
+        bucket = archive.open_bucket(server.archive)
+        findings = list(
+            verify.gather(
+                server,
+                args.state or archive.DEFAULT_STATE,
+                bucket,
+                keyword=args.keyword,
+                host=args.host,
+            )
+        )
+    except config.ConfigError as exc:
+        print(f"DLOGD VERIFY UNKNOWN - {path}: invalid config ({len(exc.problems)} errors)")
+        return verify.UNKNOWN
+    except (OSError, s3.CredentialsRefused, s3.ArchiveDown, s3.ArchiveRefused) as exc:
+        print(f"DLOGD VERIFY UNKNOWN - {exc}")
+        return verify.UNKNOWN
+    code, line = verify.check(findings)
+    shown = [f for f in findings if args.all or f.state != "ok"]
+    print(verify.to_json(findings) if args.json else verify.render(shown) + line)
+    return code
+
+
 def _default_config(role: str) -> str:
     return dict((r, p) for p, r in _default_configs())[role]
 
@@ -222,6 +254,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--prometheus", metavar="FILE", help="also write node_exporter textfile metrics here"
     )
     status.set_defaults(func=_status)
+
+    check_archive = sub.add_parser(
+        "verify",
+        help="on a collector: compare local files, archive records and the S3 archive",
+        description="For each archived (keyword, host) directory: every local file and every "
+        "archive record, checked against the archived version (present, size, SHA-256 "
+        "metadata, retention in force). Reports unarchived, altered and missing files.",
+        epilog="exit status: 0 OK, 1 WARNING (unarchived files), 2 CRITICAL (altered or "
+        "missing), 3 UNKNOWN (no usable config or archive) (as status --warn-age)",
+    )
+    check_archive.add_argument("--server", metavar="FILE", help="the collector config")
+    check_archive.add_argument("--keyword", "-k", help="only this keyword")
+    check_archive.add_argument("--host", help="only files from this sending host")
+    check_archive.add_argument(
+        "--state", metavar="DIR", help="archive records (default /var/lib/dlogd/archive)"
+    )
+    check_archive.add_argument("--all", action="store_true", help="list ok files too")
+    check_archive.add_argument("--json", action="store_true", help="every finding as JSON")
+    check_archive.set_defaults(func=_verify)
 
     demo = sub.add_parser(
         "demo",
