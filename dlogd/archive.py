@@ -140,8 +140,9 @@ def multipart_etag(part_md5s: list[bytes]) -> str:
 
 
 def retain_until(last_modified: float, archive: Archive) -> float:
-    """Locked for the retention period from the upload: the same date for every run
-    that checks or sets it, since it derives from the object itself."""
+    """Locked for the retention period from the upload. Derived from the object, so a
+    run adopting a killed run's upload sets (about) the same date; recorded once
+    set, since RGW moves LastModified when retention is put on a version."""
     return float(int(last_modified + archive.retention_days * DAY))
 
 
@@ -153,7 +154,14 @@ def removable(record: Record, archive: Archive, now: float) -> bool:
 
 
 def object_problems(
-    found: ObjectInfo | None, *, size: int, sha256: str, etag: str, archive: Archive, now: float
+    found: ObjectInfo | None,
+    *,
+    size: int,
+    sha256: str,
+    etag: str,
+    archive: Archive,
+    until: float,
+    now: float,
 ) -> list[str]:
     """Why the archived object is not the verified copy of this file (empty: it is)."""
     if found is None:
@@ -170,10 +178,7 @@ def object_problems(
     else:
         if found.retain_mode.lower() != archive.mode:
             problems.append(f"retention mode {found.retain_mode}, configured {archive.mode}")
-        if (
-            found.retain_until < retain_until(found.last_modified, archive)
-            or found.retain_until <= now
-        ):
+        if found.retain_until < until or found.retain_until <= now:
             problems.append("retention shorter than configured, or over")
     return problems
 
@@ -376,6 +381,7 @@ class Archiver:
             sha256=local.sha256,
             etag=etag,
             archive=self.archive,
+            until=until,
             now=time.time(),
         )
         if problems or found is None:
@@ -439,6 +445,7 @@ class Archiver:
             sha256=record.sha256,
             etag=record.etag,
             archive=self.archive,
+            until=record.retain_until,
             now=time.time(),
         )
         if problems:

@@ -109,6 +109,7 @@ def gather(
                 sha256=record.sha256,
                 etag=record.etag,
                 archive=archive,
+                until=record.retain_until,
                 now=time.time(),
             )
             if problems:

@@ -19,9 +19,14 @@ from typing import TYPE_CHECKING
 import pytest
 
 from tests.archive import cephlab
+from tests.archive.archiveharness import World
+from tests.shipharness import Site, pki_set, site
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
+
+
+__all__ = ["pki_set", "site"]  # fixtures, re-exported for pytest
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -75,3 +80,13 @@ def bucket(s3: S3Client) -> str:
     name = f"dlogd-{uuid.uuid4().hex[:12]}"
     s3.create_bucket(Bucket=name, ObjectLockEnabledForBucket=True)
     return name
+
+
+@pytest.fixture
+def world(site: Site, ceph: cephlab.Cluster, bucket: str) -> Iterator[World]:
+    """One test's collector, archiving into its own bucket."""
+    archived = World(site, ceph, bucket)
+    archived.start_collector()
+    yield archived
+    if not ceph.rgw_answers():  # a test that stopped radosgw and failed before restarting it
+        ceph.start_rgw()

@@ -5,24 +5,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
-
-import pytest
 
 from dlogd import journal
 from dlogd.status import CRITICAL, OK, UNKNOWN, WARNING
-from tests.archive import cephlab
 from tests.archive.archiveharness import World
-from tests.shipharness import REPO, Site, env, make_file, pki_set, site
-
-__all__ = ["pki_set", "site"]  # fixtures, re-exported for pytest
-
-
-@pytest.fixture
-def world(site: Site, ceph: cephlab.Cluster, bucket: str) -> Iterator[World]:
-    archived = World(site, ceph, bucket)
-    archived.start_collector()
-    yield archived
+from tests.shipharness import REPO, env, make_file
 
 
 def verify(world: World, *args: str) -> subprocess.CompletedProcess[str]:
