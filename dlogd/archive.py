@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import fcntl
 import hashlib
 import json
 import os
@@ -478,6 +479,19 @@ def open_bucket(archive: Archive) -> Bucket:
     return Bucket(archive, read_credentials(credentials_path(archive.credentials)))
 
 
+def run_lock(state: str) -> int | None:
+    """An exclusive lock on ``<state>/.lock`` for this process's life; None if held."""
+    fd = os.open(
+        os.path.join(state, ".lock"), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640
+    )
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="dlogd-archive",
@@ -502,6 +516,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dlogd-archive: {args.config} has no archive {{ }} block", file=sys.stderr)
         return 0
     os.makedirs(args.state, mode=0o750, exist_ok=True)
+    lock = run_lock(args.state)
+    if lock is None:
+        # Two runs at once could both upload one file (two versions): one at a time.
+        print("dlogd-archive: another run is archiving now", file=sys.stderr)
+        return 0
     backoff = RetryState(args.state, BACKOFF)
     now = time.time()
     due = backoff.due(BACKOFF_KEY, now)

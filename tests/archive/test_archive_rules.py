@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from dlogd import archive, s3
+from dlogd import archive, config, s3
 from dlogd.archive import Record, multipart_etag, object_key, part_size, removable, submit_time
-from dlogd.config import Archive
+from dlogd.config import Archive, Host, ServerConfig, ServerKeyword
 from dlogd.s3 import CredentialsRefused, ObjectInfo, read_credentials
+from tests.shipharness import REPO, env
 
 ARCHIVE = Archive("http://127.0.0.1:7480", "dlogd-audit", "/c", retention_days=2)
 DAY = 86400
@@ -136,3 +139,33 @@ def test_malformed_credentials_not_echoed(tmp_path: Path) -> None:
     with pytest.raises(CredentialsRefused) as refused:
         read_credentials(str(path))
     assert "hunter2" not in str(refused.value) and "[default]" in str(refused.value)
+
+
+def test_one_run_at_a_time(tmp_path: Path) -> None:
+    """A second run while one holds the state's lock does nothing (no second upload)."""
+    conf = tmp_path / "server.conf"
+    conf.write_text(
+        config.to_text(
+            ServerConfig(
+                keywords={"audit": ServerKeyword("audit", {"web1": str(tmp_path / "store")})},
+                hosts={"web1": Host("web1", "web1")},
+                archive=ARCHIVE,
+            )
+        )
+    )
+    state = tmp_path / "state"
+    state.mkdir()
+    held = archive.run_lock(str(state))
+    assert held is not None
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "dlogd.archive", "--config", str(conf), "--state", str(state)],
+            capture_output=True,
+            text=True,
+            env=env(tmp_path / "cache"),
+            cwd=REPO,
+            timeout=60,
+        )
+    finally:
+        os.close(held)
+    assert (done.returncode, done.stderr) == (0, "dlogd-archive: another run is archiving now\n")
