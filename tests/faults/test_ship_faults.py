@@ -240,7 +240,9 @@ def test_full_disk_fails_temporarily_then_delivers(site: Site, small_disk: Path)
 
 def test_down_collector_gets_a_backoff_that_is_honoured(site: Site) -> None:
     port = free_port()
-    site.client_config([Target(COLLECTOR, port)], retry=(1, 2))
+    # A retry delay long enough that the second run starts before it even on a
+    # loaded machine (a 1 s delay let a slow start run after it, and connect).
+    site.client_config([Target(COLLECTOR, port)], retry=(6, 12))
     source = random_file(site.root / "wait.log", 10_000)
     (entry,) = site.add(source)
 
@@ -255,6 +257,7 @@ def test_down_collector_gets_a_backoff_that_is_honoured(site: Site) -> None:
     collector = site.start(port=port)
     deferred = site.ship()  # before the retry time: must not even connect
 
+    assert time.time() < state["next"], "the second run ended after the retry time: too slow"
     assert deferred.returncode == EX_TEMPFAIL, deferred.stderr
     assert "next try" in deferred.stderr
     assert collector.records() == [], "the shipper connected before its retry time"
