@@ -40,13 +40,18 @@ _STATE_NAMES = {OK: "OK", WARNING: "WARNING", CRITICAL: "CRITICAL", UNKNOWN: "UN
 
 @dataclass(frozen=True)
 class HeldEntry:
-    """An entry a collector refused for good: kept, not offered there until ``until``."""
+    """An entry a collector refused: kept, not offered there until ``until``.
+
+    ``tries`` 0: refused for good (only an operator moves it). Above 0: refused
+    for now that many times in a row (a store short of space): retried by itself.
+    """
 
     keyword: str
     entry: str
     host: str
     reason: str
     until: float
+    tries: int = 0
 
 
 @dataclass
@@ -58,7 +63,8 @@ class Pending:
     files: int = 0
     bytes: int = 0
     oldest: float | None = None  # submit time (entry name prefix) of the oldest
-    held: int = 0
+    held: int = 0  # refused for good
+    deferred: int = 0  # refused for now, waiting for their own retry
 
 
 @dataclass(frozen=True)
@@ -127,15 +133,21 @@ def _number(value: object) -> float | None:
     return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
 
 
-def _hold(marker: os.DirEntry[str]) -> tuple[float, str] | None:
-    """A marker is empty while owed; a refusal for good writes {until, reason} into it."""
+def _hold(marker: os.DirEntry[str]) -> tuple[float, str, int] | None:
+    """A marker is empty while owed; a refusal writes {until, reason[, tries]} into it
+    (``tries`` only for a refusal for now: see :meth:`dlogd.spool.Spool.hold`)."""
     try:
         if marker.stat(follow_symlinks=False).st_size == 0:
             return None
     except FileNotFoundError:
         return None
     data = read_json(marker.path)
-    return (_number(data.get("until")) or 0.0, str(data.get("reason", "")))
+    tries = data.get("tries", 0)
+    return (
+        _number(data.get("until")) or 0.0,
+        str(data.get("reason", "")),
+        tries if isinstance(tries, int) and tries > 0 else 0,
+    )
 
 
 def gather_client(spool: str, hosts: Iterable[str], now: float | None = None) -> ClientStatus:
@@ -164,9 +176,14 @@ def gather_client(spool: str, hosts: Iterable[str], now: float | None = None) ->
                 row.oldest = submitted if row.oldest is None else min(row.oldest, submitted)
                 hold = _hold(marker)
                 if hold is not None:
-                    row.held += 1
-                    until, reason = hold
-                    status.held.append(HeldEntry(kdir.name, item.name, marker.name, reason, until))
+                    until, reason, tries = hold
+                    if tries:
+                        row.deferred += 1
+                    else:
+                        row.held += 1
+                    status.held.append(
+                        HeldEntry(kdir.name, item.name, marker.name, reason, until, tries)
+                    )
     status.pending = [table[key] for key in sorted(table)]
     known = sorted({*hosts, *(host for _, host in table)})
     status.collectors = [_collector(spool, host, now) for host in known]
@@ -244,7 +261,7 @@ def check(
 ) -> tuple[int, str]:
     """(exit code, one line) in the monitoring-plugin convention.
 
-    Client: the age of the oldest pending entry; a held entry is at least a
+    Client: the age of the oldest pending entry; an entry held for good is at least a
     WARNING (it will not move without an operator). Collector: the time since
     each (host, keyword) last stored a file, so a sender that went quiet shows.
     """
@@ -254,8 +271,9 @@ def check(
             for p in status.pending
             if p.oldest is not None
         }
-        floor = WARNING if status.held else OK
-        extra = f", {len(status.held)} held" if status.held else ""
+        for_good = [h for h in status.held if not h.tries]
+        floor = WARNING if for_good else OK
+        extra = f", {len(for_good)} held" if for_good else ""
     else:
         ages = {
             f"{s.host}/{s.keyword}": status.generated - s.last_time
@@ -339,7 +357,8 @@ def render(status: ClientStatus | ServerStatus) -> str:
                 f"{_when(now, c.next_retry):<14} {c.failures:>5} {_cut(c.last_error or '-', 26)}"
             )
         for h in status.held:
-            lines.append(_cut(f"held: {h.keyword}/{h.entry} for {h.host}: {h.reason}", 80))
+            what = f"held for now ({h.tries} tries)" if h.tries else "held"
+            lines.append(_cut(f"{what}: {h.keyword}/{h.entry} for {h.host}: {h.reason}", 80))
     else:
         lines.append(f"{'HOST':<12} {'KEYWORD':<12} {'FILES':>7} {'BYTES':>8} {'LAST STORED':<14} "
                      f"{'PARTIAL':>7} {'FREE':>8}")  # fmt: skip
@@ -367,6 +386,7 @@ _CLIENT_METRICS: tuple[_Metric, ...] = (
     ("dlogd_spool_pending_bytes", "gauge", "Bytes of the spool entries still owed."),
     ("dlogd_spool_oldest_pending_age_seconds", "gauge", "Age of the oldest owed entry."),
     ("dlogd_spool_held_files", "gauge", "Owed entries the collector refused for good."),
+    ("dlogd_spool_deferred_files", "gauge", "Owed entries refused for now, retried alone."),
     ("dlogd_ship_consecutive_failures", "gauge", "Failed drains in a row for a collector."),
     ("dlogd_ship_next_retry_timestamp_seconds", "gauge", "When the shipper tries again."),
     ("dlogd_ship_last_success_timestamp_seconds", "gauge", "Last drain that delivered all."),
@@ -398,6 +418,7 @@ def prometheus(status: ClientStatus | ServerStatus) -> str:
             add("dlogd_spool_oldest_pending_age_seconds",
                 None if p.oldest is None else max(0.0, status.generated - p.oldest), **kw)  # fmt: skip
             add("dlogd_spool_held_files", p.held, **kw)
+            add("dlogd_spool_deferred_files", p.deferred, **kw)
         for c in status.collectors:
             add("dlogd_ship_consecutive_failures", c.failures, collector=c.host)
             add("dlogd_ship_next_retry_timestamp_seconds", c.next_retry, collector=c.host)

@@ -68,6 +68,29 @@ def test_held_entry_shows_its_reason(tmp_path: Path) -> None:
     assert code == status.WARNING and "1 held" in line
 
 
+def test_entry_held_for_now_is_deferred_not_a_warning(tmp_path: Path) -> None:
+    spool, names = _client(tmp_path)
+    with Spool(str(spool)) as sp:
+        [entry] = [e for e in sp.pending() if e.name == names[1]]
+        sp.hold(entry, "logs1", NOW + 60, "refuse: TEMPORARY_FAILURE: store full", tries=2)
+    got = status.gather_client(str(spool), ["logs1", "logs2"], now=NOW)
+    assert [(h.entry, h.host, h.tries) for h in got.held] == [(names[1], "logs1", 2)]
+    rows = {p.host: (p.held, p.deferred) for p in got.pending}
+    assert rows == {"logs1": (0, 1), "logs2": (0, 0)}
+    # It retries by itself: no operator needed, so no WARNING for it alone.
+    code, line = status.check(got, warn_age=None, crit_age=None)
+    assert code == status.OK and "held" not in line, line
+    assert "held for now (2 tries)" in status.render(got)
+    families = text_string_to_metric_families(status.prometheus(got))
+    deferred = {
+        s.labels["collector"]: s.value
+        for f in families
+        for s in f.samples
+        if s.name == "dlogd_spool_deferred_files"
+    }
+    assert deferred == {"logs1": 1, "logs2": 0}
+
+
 def test_delivered_entries_are_no_longer_pending(tmp_path: Path) -> None:
     spool, _ = _client(tmp_path)
     with Spool(str(spool)) as sp:
