@@ -49,6 +49,7 @@ from dlogd.config import (
     load_logged,
     load_server,
 )
+from dlogd.crash import crash_point
 from dlogd.fsutil import DIR_FLAGS, read_json
 from dlogd.names import is_stored_name
 from dlogd.s3 import (
@@ -369,6 +370,7 @@ class Archiver:
             )
         if found is None:
             self.send(fd, key, local)
+            crash_point("archive-after-upload")  # fault tests: uploaded, no record yet
             found = self.bucket.head(key)
             if found is None:
                 raise ArchiveRefused(f"{key}: not found right after its upload")
@@ -426,7 +428,10 @@ class Archiver:
 
         if len(local.part_md5s) == 1:
             data, md5 = part(1)
-            self.bucket.put(key, data, md5, local.sha256)
+            # Locked at once (the retention is then extended to the upload time's,
+            # if it falls later): no moment without a lock for a killed run to leave.
+            lock = (self.archive.mode, retain_until(time.time(), self.archive))
+            self.bucket.put(key, data, md5, local.sha256, lock)
         else:
             self.bucket.put_parts(key, part, len(local.part_md5s), local.sha256)
 

@@ -210,7 +210,12 @@ class Bucket:
         until = retention.get("RetainUntilDate")
         return retention.get("Mode"), (_epoch(until) if until else None)
 
-    def put(self, key: str, data: bytes, md5: bytes, sha256_hex: str) -> None:
+    def put(
+        self, key: str, data: bytes, md5: bytes, sha256_hex: str, lock: tuple[str, float]
+    ) -> None:
+        """PutObject, locked from its first moment (``lock``: mode and retain-until):
+        RGW honours the lock headers on a single PUT (not on multipart uploads)."""
+        mode, until = lock
         self._call(
             f"PUT {key}",
             lambda: self.client.put_object(
@@ -219,6 +224,8 @@ class Bucket:
                 Body=data,
                 ContentMD5=content_md5(md5),
                 Metadata={SHA256_META: sha256_hex},
+                ObjectLockMode="COMPLIANCE" if mode == "compliance" else "GOVERNANCE",
+                ObjectLockRetainUntilDate=datetime.datetime.fromtimestamp(until, datetime.UTC),
             ),
         )
 

@@ -138,7 +138,7 @@ class World:
             str(self.state),
         ]
 
-    def run(self, timeout: float = ARCHIVE_TIMEOUT) -> Run:
+    def run(self, timeout: float = ARCHIVE_TIMEOUT, **extra_env: str) -> Run:
         fd, name = tempfile.mkstemp(prefix="dlogd-archive-maxrss-")
         os.close(fd)
         peak = Path(name)
@@ -147,7 +147,7 @@ class World:
                 [GNU_TIME, "-q", "-f", "%M", "-o", str(peak), *self.command()],
                 capture_output=True,
                 text=True,
-                env=env(self.site.cache),
+                env=env(self.site.cache, **extra_env),
                 cwd=REPO,
                 timeout=timeout,
             )

@@ -103,10 +103,14 @@ def test_killed_after_upload_is_adopted_not_sent_again(
     """A run killed after its PUT and before its record: the next finds the object."""
     source = make_file(world.root / "a.log", b"x" * 1000)
     [name] = world.deliver(source)
-    first = world.run()
-    assert first.returncode == 0, first.stderr
-    # As if that run had died before writing its record.
-    (world.state / KEYWORD / SENDER / f"{name}.json").unlink()
+    first = world.run(DLOGD_TEST_CRASH_AT="archive-after-upload")
+    assert first.returncode == 128 + 9, first.stderr  # GNU time: killed by SIGKILL
+    assert read_record(str(world.state), KEYWORD, SENDER, name) is None
+    [version] = s3.list_object_versions(Bucket=bucket)["Versions"]
+    # A single PUT is locked from its first moment: nothing to delete in the gap.
+    with pytest.raises(ClientError) as refused:
+        s3.delete_object(Bucket=bucket, Key=version["Key"], VersionId=version["VersionId"])
+    assert refused.value.response["Error"]["Code"] == "AccessDenied"
     again = world.run()
     assert again.returncode == 0, again.stderr
     [adopted] = again.of(journal.ARCHIVE_STORED)
