@@ -16,7 +16,8 @@ import os
 import random
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
@@ -104,9 +105,24 @@ def fuzz_collector(
                 peak = max(peak, rss_kib(collector.proc.pid))
     store = site.store_dir()
     tally.figures["collector_rss_peak_kib"] = max(peak, collector.vm_hwm_kib())
+    # The bound holds once the collector's side of every session has closed (a
+    # connection over the cap drops its own partial as it closes): our clients
+    # are done, so each of its sessions ends within its idle limit.
+    settle(lambda: len(partials(store)), quiet=COLLECTOR_TIMEOUT + 1.0, limit=60.0)
     tally.figures["partials_left"] = len(partials(store))
     tally.figures["partial_bytes_left"] = partial_bytes(store)
     tally.figures["files_stored"] = len([p for p in store.iterdir()]) if store.exists() else 0
+
+
+def settle(measure: Callable[[], int], *, quiet: float, limit: float) -> None:
+    """Until ``measure()`` has not changed for ``quiet`` seconds (at most ``limit``)."""
+    deadline = time.monotonic() + limit
+    last, since = measure(), time.monotonic()
+    while time.monotonic() - since < quiet and time.monotonic() < deadline:
+        time.sleep(0.2)
+        now = measure()
+        if now != last:
+            last, since = now, time.monotonic()
 
 
 @pytest.fixture
