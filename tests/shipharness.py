@@ -389,18 +389,27 @@ def retry_state(spool: Path, host: str) -> dict[str, float] | None:
 GNU_TIME = "/usr/bin/time"
 
 
+class JournalledRun:
+    """A finished dlogd process whose journal records went to its stderr."""
+
+    stderr: str
+
+    @property
+    def records(self) -> list[Record]:
+        return parse_records(self.stderr)
+
+    def of(self, message_id: str) -> list[Record]:
+        return [r for r in self.records if r.get("message_id") == message_id]
+
+
 @dataclass(frozen=True)
-class ShipRun:
+class ShipRun(JournalledRun):
     """One ``python -m dlogd.ship`` run."""
 
     returncode: int
     stderr: str
     maxrss_kib: int
     seconds: float
-
-    @property
-    def records(self) -> list[Record]:
-        return parse_records(self.stderr)
 
 
 def ship(config: Path, cache: Path, *, timeout: float = SHIP_TIMEOUT) -> ShipRun:

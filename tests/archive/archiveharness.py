@@ -26,11 +26,10 @@ from tests.shipharness import (
     KEYWORD,
     REPO,
     Collector,
-    Record,
+    JournalledRun,
     Site,
     Target,
     env,
-    parse_records,
     start_collector,
 )
 from tests.tlsfixtures import COLLECTOR, LOOPBACK, SENDER
@@ -39,19 +38,12 @@ ARCHIVE_TIMEOUT = 120.0
 
 
 @dataclass(frozen=True)
-class Run:
+class Run(JournalledRun):
     """One ``dlogd-archive`` run."""
 
     returncode: int
     stderr: str
     maxrss_kib: int
-
-    @property
-    def records(self) -> list[Record]:
-        return parse_records(self.stderr)
-
-    def of(self, message_id: str) -> list[Record]:
-        return [r for r in self.records if r.get("message_id") == message_id]
 
 
 @dataclass

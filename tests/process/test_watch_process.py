@@ -34,7 +34,7 @@ import pytest
 
 from dlogd import config, journal, watch
 from dlogd.config import ClientConfig, ClientKeyword, Host, TLSFiles, Watch
-from tests.shipharness import Record, parse_records
+from tests.shipharness import JournalledRun, Record, parse_records
 
 pytestmark = pytest.mark.process
 
@@ -70,17 +70,10 @@ def watch_user() -> Iterator[WatchUser]:
 
 
 @dataclass(frozen=True)
-class WatchRun:
+class WatchRun(JournalledRun):
     returncode: int
     stdout: str
     stderr: str
-
-    @property
-    def records(self) -> list[Record]:
-        return parse_records(self.stderr)
-
-    def of(self, message_id: str) -> list[Record]:
-        return [r for r in self.records if r.get("message_id") == message_id]
 
 
 @dataclass
