@@ -67,6 +67,12 @@ _LINK_FALLBACK = frozenset({errno.EXDEV, errno.EPERM, errno.ENOENT, errno.EMLINK
 _AT_EMPTY_PATH = 0x1000
 
 
+def hold_tries(record: Mapping[str, object]) -> int:
+    """The ``tries`` of a hold marker's record: above 0 for a hold for now, 0 for good."""
+    tries = record.get("tries", 0)
+    return tries if isinstance(tries, int) and tries > 0 else 0
+
+
 class DrainBusy(Exception):
     """Another drain holds this spool; ``holder`` is its pid as it wrote it, if readable."""
 
@@ -702,8 +708,7 @@ class Spool:
 
     def hold_tries(self, entry: Entry, host: str) -> int:
         """How many temporary refusals in a row the hold on ``entry`` counts (0: none)."""
-        tries = self._hold_record(entry, host).get("tries", 0)
-        return tries if isinstance(tries, int) and tries > 0 else 0
+        return hold_tries(self._hold_record(entry, host))
 
     def _hold_record(self, entry: Entry, host: str) -> dict[str, object]:
         kdir = self._keyword(entry.keyword)

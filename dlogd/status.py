@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 
 from dlogd.backoff import STATE_DIR
 from dlogd.fsutil import DIR_FLAGS, read_json
-from dlogd.spool import OWED_DIR, RETRY_DIR
+from dlogd.spool import OWED_DIR, RETRY_DIR, hold_tries
 from dlogd.store import PARTIAL_DIR
 
 OK, WARNING, CRITICAL, UNKNOWN = 0, 1, 2, 3
@@ -142,12 +142,7 @@ def _hold(marker: os.DirEntry[str]) -> tuple[float, str, int] | None:
     except FileNotFoundError:
         return None
     data = read_json(marker.path)
-    tries = data.get("tries", 0)
-    return (
-        _number(data.get("until")) or 0.0,
-        str(data.get("reason", "")),
-        tries if isinstance(tries, int) and tries > 0 else 0,
-    )
+    return (_number(data.get("until")) or 0.0, str(data.get("reason", "")), hold_tries(data))
 
 
 def gather_client(spool: str, hosts: Iterable[str], now: float | None = None) -> ClientStatus:
