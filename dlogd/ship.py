@@ -372,6 +372,7 @@ def drain(config: ClientConfig, *, now: float | None = None) -> list[CollectorRe
         spool.close()
         raise
     try:
+        spool.take_announcement()
         spool.cleanup()
         retry = RetryState(config.spool, config.retry)
         shared = SharedSpool(spool)

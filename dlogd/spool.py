@@ -582,11 +582,14 @@ class Spool:
         return fd
 
     def announce(self) -> None:
-        """Wake the shipper: closing the trigger file after a write-open is the
-        IN_CLOSE_WRITE that ``dlogd-ship.path`` (PathChanged=) waits for.
+        """Wake the shipper: the trigger file exists until a drain takes it.
 
-        A trigger file, not the spool itself, so that a spool that stays full
-        while a collector is down does not keep re-firing the path unit.
+        ``dlogd-ship.path`` watches with PathExists=, which systemd checks again
+        when the drain it started ends: a submit that lands while a drain runs
+        (the path unit is not watching then) starts the next drain at once.
+        PathChanged= would lose that event. A trigger file, not the spool
+        itself, so that a spool that stays full while a collector is down does
+        not keep re-firing the path unit: each drain takes the file first.
         """
         try:
             fd = os.open(
@@ -600,6 +603,20 @@ class Spool:
             _warn(f"cannot touch trigger file: {e.strerror}", "-", TRIGGER)
             return
         os.close(fd)
+
+    def take_announcement(self) -> None:
+        """Remove the trigger file before a pass reads the spool.
+
+        Whatever is submitted from now on makes it again, so the path unit
+        starts another drain after this one unless this one already saw it.
+        """
+        try:
+            os.unlink(TRIGGER, dir_fd=self.root_fd)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            # The pass goes on; the path unit may start one more drain than needed.
+            _warn(f"cannot remove trigger file: {e.strerror}", "-", TRIGGER)
 
     def keywords(self) -> list[str]:
         """Keyword directories present in the spool (symlinks and odd names skipped)."""

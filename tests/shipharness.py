@@ -352,6 +352,7 @@ def spool_files(
                 os.close(fd)
             names.append(added.name)
         sp.commit()
+        sp.announce()
     return names
 
 

@@ -42,6 +42,7 @@ from dlogd.shipwire import (
     Stored,
     encode,
 )
+from dlogd.spool import TRIGGER
 from dlogd.store import partial_name
 from dlogd.tls import TLSStream, client_context
 from tests.shipharness import (
@@ -90,6 +91,8 @@ def assert_delivered(site: Site, run: ShipRun, sources: list[Path], entries: lis
     for source, entry in zip(sources, entries, strict=True):
         assert sha256_of(directory / entry) == sha256_of(source)
     assert spool_entries(site.spool) == []
+    # The drain took the trigger file: dlogd-ship.path does not start it again.
+    assert not (site.spool / TRIGGER).exists()
     assert not (site.spool / KEYWORD / ".owed").exists() or not any(
         (site.spool / KEYWORD / ".owed").iterdir()
     )

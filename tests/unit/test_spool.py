@@ -266,7 +266,7 @@ def test_deleted_source_is_copied(spool: Spool, tmp_path: Path) -> None:
 
 
 def test_announce_fires_close_write_on_the_trigger_file(tmp_path: Path) -> None:
-    """dlogd-ship.path (PathChanged=) wakes on IN_CLOSE_WRITE of <spool>/.submitted."""
+    """Each announce is a write-open of <spool>/.submitted, also when it already exists."""
     import ctypes
     import select
     import struct
@@ -288,6 +288,27 @@ def test_announce_fires_close_write_on_the_trigger_file(tmp_path: Path) -> None:
         assert mask & in_close_write
     finally:
         os.close(fd)
+        spool.close()
+
+
+def test_a_drain_takes_the_announcement_and_the_next_submit_makes_it_again(
+    tmp_path: Path,
+) -> None:
+    """dlogd-ship.path (PathExists=) starts a drain again only for what came since."""
+    from dlogd.spool import TRIGGER
+
+    spool = Spool(str(tmp_path / "spool"), create=True)
+    trigger = tmp_path / "spool" / TRIGGER
+    try:
+        spool.take_announcement()  # none yet: not an error
+        spool.announce()
+        assert trigger.exists()
+        spool.take_announcement()
+        assert not trigger.exists()
+        add_file(spool, write(tmp_path / "x.log", b"x"))
+        spool.announce()
+        assert trigger.exists()
+    finally:
         spool.close()
 
 
