@@ -3,7 +3,10 @@
 Started by ``dlogd-ship.path`` (something was submitted) and
 ``dlogd-ship.timer`` (retries). Flow:
 
-    spool.pending() -> group entries by the collector they are owed to
+    spool.pending(), read lazily (``Backlog``): each entry goes to the queue
+       of every collector it is owed to as that collector's connection asks
+       for more, so the first offer does not wait for a scan of the backlog
+       and memory does not grow with it
     -> per collector that is due (retry state on disk), in its own thread:
        TCP + mutual TLS -> check it is the collector we meant (name, pin)
        -> protocol.Connection(SENDER): offer up to a window of files, send each
@@ -30,8 +33,8 @@ import os
 import socket
 import sys
 import time
-from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -124,17 +127,82 @@ class _Outgoing:
     sha256: bytes
 
 
-class Delivery:
-    """One connection to one collector, carrying every entry owed to it."""
+class Backlog:
+    """The spool's entries, read once, as the collectors' connections ask for them.
+
+    One pass of ``spool.pending()`` serves every collector: an entry read for
+    one goes to the queue of each other collector it is owed to that is being
+    delivered to now, and is counted for the others (not due, on hold, no
+    longer configured). Only what a connection has not yet taken is in
+    memory; a collector whose connection ended takes nothing more, it is only
+    counted. The reading holds the shared spool's lock, so no acknowledgement
+    changes an entry's markers halfway through their reading.
+    """
 
     def __init__(
-        self, config: ClientConfig, host: Host, entries: list[Entry], spool: SharedSpool
+        self,
+        spool: SharedSpool,
+        entries: Iterator[Entry],
+        delivering: Iterable[str],
+        now: float,
+    ) -> None:
+        self.spool = spool
+        self.entries = entries
+        self.now = now
+        self.queues: dict[str, deque[Entry]] = {name: deque() for name in delivering}
+        self.owed: Counter[str] = Counter()  # every entry owed, on hold or not
+        self.held: Counter[str] = Counter()  # of which on hold
+        self.done = False
+
+    def take(self, host: str) -> Entry | None:
+        """The next entry owed to ``host`` and not on hold; None once there is none."""
+        with self.spool.lock:
+            queue = self.queues[host]
+            while not queue and not self.done:
+                self._read_one()
+            return queue.popleft() if queue else None
+
+    def close(self, host: str) -> None:
+        """``host``'s connection has ended: count what it would have been given."""
+        with self.spool.lock:
+            self.queues.pop(host, None)
+
+    def finish(self) -> None:
+        """Read the rest, for the counts."""
+        with self.spool.lock:
+            while not self.done:
+                self._read_one()
+
+    def _read_one(self) -> None:
+        entry = next(self.entries, None)
+        if entry is None:
+            self.done = True
+            return
+        for host in sorted(entry.owed):
+            self.owed[host] += 1
+            if host in entry.held and self.spool.spool.held_until(entry, host)[0] > self.now:
+                self.held[host] += 1
+            elif (queue := self.queues.get(host)) is not None:
+                queue.append(entry)
+
+
+class Delivery:
+    """One connection to one collector, carrying every entry owed to it.
+
+    ``entries`` is read as the connection's window has room: the delivery
+    does not know how many there are until it has them all.
+    """
+
+    def __init__(
+        self, config: ClientConfig, host: Host, entries: Iterable[Entry], spool: SharedSpool
     ) -> None:
         self.config = config
         self.host = host
-        self.queue = deque(entries)
+        self.entries = iter(entries)
+        self.next_entry: Entry | None = None
         self.spool = spool
-        self.outcome = CollectorResult(host.name, owed=len(entries))
+        self.outcome = CollectorResult(host.name)
+        self.taken = 0
         self.outgoing: dict[int, _Outgoing] = {}
         self.next_id = 1
         self.conn = Connection(
@@ -145,7 +213,32 @@ class Delivery:
         self.frame = bytearray()
         self.link: Driver  # once connected
 
+    def _more(self) -> bool:
+        """Whether an entry is waiting to be offered (reading one if need be)."""
+        if self.next_entry is None:
+            self.next_entry = next(self.entries, None)
+            if self.next_entry is not None:
+                self.outcome.owed += 1
+                self.taken += 1
+        return self.next_entry is not None
+
+    def _take(self) -> Entry:
+        entry, self.next_entry = self.next_entry, None
+        assert entry is not None
+        return entry
+
+    def counted(self, backlog: Backlog) -> CollectorResult:
+        """The outcome with what the pass counted for this collector: the entries
+        this connection never took (it ended first) and those on hold."""
+        name = self.host.name
+        self.outcome.owed += backlog.owed[name] - backlog.held[name] - self.taken
+        self.outcome.owed += backlog.held[name]
+        self.outcome.held += backlog.held[name]
+        return self.outcome
+
     def run(self, connect: Callable[[Host, ClientConfig], TLSStream]) -> CollectorResult:
+        if not self._more():
+            return self.outcome  # nothing owed here that is not on hold: no connection
         try:
             stream = connect(self.host, self.config)
             try:
@@ -175,12 +268,12 @@ class Delivery:
         # The collector may have lowered the frame size; never send larger frames.
         self.frame = bytearray(DATA_HEADER.size + self.conn.max_frame)
         while True:
-            while self.queue and self.conn.can_offer:
-                self._offer(self.queue.popleft())
+            while self.conn.can_offer and self._more():
+                self._offer(self._take())
             due = self.conn.data_due
             if due is not None:
                 self._send_file(*due)
-            elif not self.queue and not self._unanswered():
+            elif not self._more() and not self._unanswered():
                 break
             else:
                 self._handle(self._next_event())
@@ -346,22 +439,6 @@ def _is_ip(text: str) -> bool:
     return True
 
 
-def plan(
-    spool: Spool, config: ClientConfig, now: float
-) -> tuple[dict[str, list[Entry]], dict[str, int]]:
-    """Entries owed and not on hold, grouped by collector; and how many are on hold."""
-    fallback = {name: kw.hosts for name, kw in config.keywords.items()}
-    by_host: dict[str, list[Entry]] = {}
-    held: dict[str, int] = {}
-    for entry in spool.pending(fallback):
-        for host in sorted(entry.owed):
-            if host in entry.held and spool.held_until(entry, host)[0] > now:
-                held[host] = held.get(host, 0) + 1
-            else:
-                by_host.setdefault(host, []).append(entry)
-    return by_host, held
-
-
 def drain(config: ClientConfig, *, now: float | None = None) -> list[CollectorResult]:
     """One pass over the spool: deliver what is due, schedule what is not."""
     now = time.time() if now is None else now
@@ -373,17 +450,32 @@ def drain(config: ClientConfig, *, now: float | None = None) -> list[CollectorRe
         raise
     try:
         spool.take_announcement()
-        spool.cleanup()
+        spool.cleanup(markers=False)  # the pass reads every entry's markers itself
         retry = RetryState(config.spool, config.retry)
         shared = SharedSpool(spool)
         try:
-            owed, held = plan(spool, config, now)
-            retry.tidy({*owed, *held})
-            work, waiting = _assign(config, owed, held, retry, shared, now)
-            sending = [f"{len(d.queue)} files to {d.host.name}" for d in work]
-            _status("; ".join([f"sending {', '.join(sending)}" if sending else "nothing due"]
-                              + [o.summary() for o in waiting]))  # fmt: skip
-            done = _deliver(work)
+            fallback = {name: kw.hosts for name, kw in config.keywords.items()}
+            due = sorted(h for h in config.hosts if retry.due(h, now) is None)
+            backlog = Backlog(shared, spool.pending(fallback), due, now)
+            work = [Delivery(config, config.hosts[h], _entries_for(backlog, h), shared)
+                    for h in due]  # fmt: skip
+            if due:
+                _status(f"sending to {', '.join(due)}")
+            else:
+                backlog.finish()
+                waiting = _waiting(config, backlog, due, retry, now)
+                _status("; ".join(["nothing due", *(o.summary() for o in waiting)]))
+            _deliver(work, backlog)
+            backlog.finish()
+            retry.tidy(set(backlog.owed))
+            waiting = _waiting(config, backlog, due, retry, now)
+            done: list[CollectorResult] = []
+            for delivery in work:
+                outcome = delivery.counted(backlog)
+                if delivery.taken:
+                    done.append(outcome)
+                elif outcome.owed:
+                    waiting.append(outcome)  # only entries on hold: nothing was tried
         finally:
             shared.close()
         if shared.failure is not None:
@@ -398,47 +490,47 @@ def drain(config: ClientConfig, *, now: float | None = None) -> list[CollectorRe
             _schedule(outcome, retry)
             # A file refused for now does not back the collector off, but is its last error.
             record_run(config.spool, outcome.host, time.time(), _failure(outcome) or _held(outcome))
+        spool.cleanup(markers=False)  # ends the entries the pass found acknowledged by all
         return waiting + done
     finally:
         os.close(lock_fd)
         spool.close()
 
 
-def _assign(
-    config: ClientConfig,
-    owed: Mapping[str, list[Entry]],
-    held: Mapping[str, int],
-    retry: RetryState,
-    shared: SharedSpool,
-    now: float,
-) -> tuple[list[Delivery], list[CollectorResult]]:
-    """A delivery per collector that is due; an outcome for each that is not."""
-    work: list[Delivery] = []
+def _entries_for(backlog: Backlog, host: str) -> Iterator[Entry]:
+    while (entry := backlog.take(host)) is not None:
+        yield entry
+
+
+def _waiting(
+    config: ClientConfig, backlog: Backlog, due: Sequence[str], retry: RetryState, now: float
+) -> list[CollectorResult]:
+    """An outcome for each collector owed something that this run does not deliver to."""
     waiting: list[CollectorResult] = []
-    for name in sorted({*owed, *held}):
-        entries, on_hold = owed.get(name, []), held.get(name, 0)
-        host = config.hosts.get(name)
-        deferred = retry.due(name, now) if host else None
-        if host is not None and deferred is None and entries:
-            delivery = Delivery(config, host, entries, shared)
-            delivery.outcome.owed += on_hold
-            delivery.outcome.held += on_hold
-            work.append(delivery)
-            continue
-        outcome = CollectorResult(name, owed=len(entries) + on_hold, held=on_hold)
-        if host is None:
+    for name in sorted(backlog.owed):
+        if name in due:
+            continue  # its Delivery says
+        outcome = CollectorResult(name, owed=backlog.owed[name], held=backlog.held[name])
+        if name not in config.hosts:
             outcome.error = "no longer in the config; kept"
-        elif deferred is not None:
-            outcome.next_attempt = deferred
+        else:
+            outcome.next_attempt = retry.due(name, now)
         waiting.append(outcome)
-    return work, waiting
+    return waiting
 
 
-def _deliver(work: list[Delivery]) -> list[CollectorResult]:
+def _deliver(work: list[Delivery], backlog: Backlog) -> None:
+    def run(delivery: Delivery) -> None:
+        try:
+            delivery.run(connect)
+        finally:
+            backlog.close(delivery.host.name)  # what it did not take is only counted now
+
     if len(work) == 1:
-        return [work[0].run(connect)]  # the common case needs no thread
+        run(work[0])  # the common case needs no thread
+        return
     with ThreadPoolExecutor(max_workers=MAX_PARALLEL_HOSTS) as pool:
-        return list(pool.map(lambda d: d.run(connect), work))
+        list(pool.map(run, work))
 
 
 def _schedule(outcome: CollectorResult, retry: RetryState) -> None:

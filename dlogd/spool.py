@@ -234,6 +234,8 @@ class Spool:
         self._dirs: dict[str, _KeywordDir] = {}
         self._touched: dict[int, None] = {}  # ordered set of dir fds awaiting fsync
         self._finished: list[tuple[_KeywordDir, str]] = []  # entries gone, owed dirs to drop
+        self._unowed: list[tuple[_KeywordDir, str]] = []  # seen by pending() with no marker left
+        self._host_sets: dict[frozenset[str], frozenset[str]] = {}
 
     def close(self) -> None:
         for kdir in self._dirs.values():
@@ -635,20 +637,33 @@ class Spool:
         """
         for keyword in self.keywords():
             kdir = self._keyword(keyword)
-            for name, mode in _list(kdir.fd):
+            # Names only, sorted in place: a backlog costs a string per entry here.
+            names = os.listdir(kdir.fd)
+            names.sort()
+            for name in names:
                 if name.startswith("."):
                     continue
-                if not stat.S_ISREG(mode):
+                try:
+                    st = os.stat(name, dir_fd=kdir.fd, follow_symlinks=False)
+                except FileNotFoundError:
+                    continue  # finished meanwhile (another collector's acknowledgement)
+                if not stat.S_ISREG(st.st_mode):
                     _warn("not a regular file, skipped", keyword, name)
                     continue
-                owed = self._owed(kdir, keyword, name, (hosts or {}).get(keyword, ()))
-                if owed:
-                    size = os.stat(name, dir_fd=kdir.fd, follow_symlinks=False).st_size
-                    yield Entry(keyword, name, owed, size, self._held(kdir, name, owed))
+                markers = self._owed(kdir, keyword, name, (hosts or {}).get(keyword, ()))
+                if markers is None:
+                    continue
+                owed, held = markers
+                if not owed:
+                    self._unowed.append((kdir, name))  # acknowledged by all: cleanup() ends it
+                    continue
+                yield Entry(keyword, name, owed, st.st_size, held)
 
     def _owed(
         self, kdir: _KeywordDir, keyword: str, name: str, fallback: Sequence[str]
-    ) -> frozenset[str]:
+    ) -> tuple[frozenset[str], frozenset[str]] | None:
+        """The hosts ``name`` is owed to (none: all have it) and those of them that
+        refused it (hold()); None: skip the entry."""
         try:
             fd = os.open(name, DIR_FLAGS, dir_fd=kdir.owed)
         except FileNotFoundError:
@@ -657,35 +672,42 @@ class Spool:
             if e.errno not in (errno.ELOOP, errno.ENOTDIR):
                 raise
             _warn("owed entry is not a directory, skipped", keyword, name)
-            return frozenset()
+            return None
+        owed: set[str] = set()
+        held: set[str] = set()
         try:
-            return frozenset(n for n, mode in _list(fd) if stat.S_ISREG(mode) and n[0] != ".")
+            with os.scandir(fd) as markers:
+                for marker in markers:
+                    if marker.name[0] == "." or not marker.is_file(follow_symlinks=False):
+                        continue
+                    owed.add(marker.name)
+                    # A marker is empty until hold() writes why its host refused the entry.
+                    with contextlib.suppress(FileNotFoundError):
+                        if marker.stat(follow_symlinks=False).st_size:
+                            held.add(marker.name)
         finally:
             os.close(fd)
+        return self._interned(owed), self._interned(held)
+
+    def _interned(self, hosts: set[str]) -> frozenset[str]:
+        # One set object per distinct host set, not one per entry: a backlog of
+        # 100,000 entries owed to the same collector holds one.
+        key = frozenset(hosts)
+        return self._host_sets.setdefault(key, key)
 
     def _repair_owed(
         self, kdir: _KeywordDir, keyword: str, name: str, fallback: Sequence[str]
-    ) -> frozenset[str]:
+    ) -> tuple[frozenset[str], frozenset[str]] | None:
+        if not _exists(kdir.fd, name):
+            return None  # finished after the directory was listed: nothing to repair
         if not fallback:
             _warn("entry has no owed markers and no configured hosts, kept", keyword, name)
-            return frozenset()
+            return None
         _warn("entry had no owed markers, owed to every configured host", keyword, name)
         os.mkdir(name, 0o750, dir_fd=kdir.owed)
         _fill_markers(kdir.owed, name, fallback)
         os.fsync(kdir.owed)
-        return frozenset(fallback)
-
-    def _held(self, kdir: _KeywordDir, name: str, owed: frozenset[str]) -> frozenset[str]:
-        # A marker is empty until hold() writes why its host refused the entry.
-        fd = os.open(name, DIR_FLAGS, dir_fd=kdir.owed)
-        try:
-            return frozenset(
-                h for h in owed if os.stat(h, dir_fd=fd, follow_symlinks=False).st_size
-            )
-        except FileNotFoundError:
-            return frozenset()
-        finally:
-            os.close(fd)
+        return self._interned(set(fallback)), frozenset()
 
     def hold(self, entry: Entry, host: str, until: float, reason: str, *, tries: int = 0) -> None:
         """``host`` refused ``entry``: stop offering it there until ``until``.
@@ -799,31 +821,48 @@ class Spool:
             self._touched[kdir.owed] = None
         self._finished.clear()
 
-    def cleanup(self) -> int:
+    def cleanup(self, *, markers: bool = True) -> int:
         """Remove what crashes leave behind; returns how many items were removed.
 
         Orphan owed directories (no entry), unfinished marker sets, stale copy
         temp files, and entries whose markers are all gone. Takes the spool lock
         exclusively, so no add is in flight while it decides what is an orphan.
+
+        ``markers=False`` leaves out the one check that opens every entry's
+        owed directory: the shipper, which reads them all anyway while it
+        drains (``pending()``), calls it so at the start of a pass and lets the
+        cleanup after the pass end the entries ``pending()`` found with no
+        marker left. Its first offer then does not wait for a scan of the backlog.
         """
         lock_fd = self._lock(fcntl.LOCK_EX)
         try:
-            removed = sum(self._cleanup_keyword(self._keyword(k)) for k in self.keywords())
+            removed = sum(
+                self._cleanup_keyword(self._keyword(k), markers=markers) for k in self.keywords()
+            )
+            for kdir, name in self._unowed:
+                if _exists(kdir.owed, name) and not _has_entries(kdir.owed, name):
+                    self._finish(kdir, name)
+                    removed += 1
+            self._unowed.clear()
             self.commit()
         finally:
             os.close(lock_fd)
         return removed
 
-    def _cleanup_keyword(self, kdir: _KeywordDir) -> int:
+    def _cleanup_keyword(self, kdir: _KeywordDir, *, markers: bool) -> int:
         removed = 0
-        entries = {name for name, _mode in _list(kdir.fd) if not name.startswith(".")}
-        for name, mode in _list(kdir.owed):
-            if not stat.S_ISDIR(mode):
-                continue
+        # Names only: the type of an owed child matters only for the few it removes.
+        with os.scandir(kdir.fd) as children:
+            entries = {c.name for c in children if not c.name.startswith(".")}
+        with os.scandir(kdir.owed) as children:
+            owed = [c.name for c in children if c.name.startswith(_NEW_PREFIX)
+                    or c.name not in entries or markers]  # fmt: skip
+        for name in owed:
             if name.startswith(_NEW_PREFIX) or name not in entries:
-                _remove_tree(kdir.owed, name)
-                removed += 1
-            elif not _has_entries(kdir.owed, name):
+                if _is_dir(kdir.owed, name):
+                    _remove_tree(kdir.owed, name)
+                    removed += 1
+            elif markers and _is_dir(kdir.owed, name) and not _has_entries(kdir.owed, name):
                 self._finish(kdir, name)
                 removed += 1
         for name, mode in _list(kdir.tmp):
@@ -964,14 +1003,36 @@ def _exists(dir_fd: int, name: str) -> bool:
     return True
 
 
+def _is_dir(dir_fd: int, name: str) -> bool:
+    try:
+        return stat.S_ISDIR(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
+    except FileNotFoundError:
+        return False
+
+
 def _list(dir_fd: int) -> list[tuple[str, int]]:
-    """(name, lstat mode) of a directory's children, sorted by name."""
+    """(name, file type bits) of a directory's children, sorted by name.
+
+    The types come from the directory itself (d_type), not from a stat of
+    each child: at 100,000 entries that is a second of system calls per pass.
+    A file system without d_type costs the lstat after all.
+    """
     out: list[tuple[str, int]] = []
-    for name in sorted(os.listdir(dir_fd)):
-        try:
-            out.append((name, os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode))
-        except FileNotFoundError:
-            continue
+    with os.scandir(dir_fd) as children:
+        for child in children:
+            try:
+                if child.is_symlink():
+                    kind = stat.S_IFLNK
+                elif child.is_dir(follow_symlinks=False):
+                    kind = stat.S_IFDIR
+                elif child.is_file(follow_symlinks=False):
+                    kind = stat.S_IFREG
+                else:
+                    kind = stat.S_IFMT(child.stat(follow_symlinks=False).st_mode)
+            except FileNotFoundError:
+                continue
+            out.append((child.name, kind))
+    out.sort()
     return out
 
 

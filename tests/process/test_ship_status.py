@@ -47,7 +47,7 @@ def test_status_says_what_is_sent_then_what_happened(site: Site, tmp_path: Path)
     site.add(make_file(site.root / "a.log", b"a\n"), make_file(site.root / "b.log", b"b\n"))
     code, statuses = _ship_with_notify(site, tmp_path)
     assert code == 0
-    assert statuses[0] == f"sending 2 files to {COLLECTOR}"
+    assert statuses[0] == f"sending to {COLLECTOR}"
     assert statuses[-1] == f"{COLLECTOR}: 2/2 delivered"
 
 
