@@ -31,8 +31,9 @@ def stored(fleet: Fleet, suffix: str) -> list[str]:
     return [n for n in listing(fleet.collector, fleet.store_dir("web1")) if n.endswith(suffix)]
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def watching(fleet: Fleet) -> Iterator[LabHost]:
+    """web1 with a watch, for this module's tests: one rollout and one back."""
     web1 = fleet.clients[0]
     description = fleet.description()
     description["dlogd_submitters"] = [
@@ -42,13 +43,16 @@ def watching(fleet: Fleet) -> Iterator[LabHost]:
     ]
     web1.run(["install", "-d", "-m", "0755", WATCHED, ROTATED])
     watches = [{"directory": WATCHED, "pattern": "app.log.*", "keyword": KEYWORD}]
+    # Only web1 changes: the collector's view of web1 (which keywords it may
+    # send) is the same with the watch's submitter added.
     try:
         fleet.rollout(
-            fleet_vars=description, host_vars={"web1": {"dlogd_client_watches": watches}}
-        ).check()
+            "--limit", "web1",
+            fleet_vars=description, host_vars={"web1": {"dlogd_client_watches": watches}},
+        ).check()  # fmt: skip
         yield web1
     finally:
-        fleet.rollout().check()
+        fleet.rollout("--limit", "web1").check()
         web1.run(["rm", "-rf", WATCHED, ROTATED, "/etc/logrotate.d/dlogd-lab-example"])
 
 
