@@ -26,3 +26,15 @@ def test_bench_status_counts_a_small_spool(tmp_path: Path) -> None:
     # The script checks status's count against what it built; the row is its result.
     assert "| 30 | " in report.read_text(), report.read_text()
     assert not (tmp_path / "scratch").exists()
+
+
+def test_bench_backlog_drains_two_small_spools(tmp_path: Path) -> None:
+    report = tmp_path / "report.md"
+    argv = [sys.executable, str(REPO / "bench" / "bench_backlog.py"), "--sizes", "20", "50",
+            "--repeat", "1", "--root", str(tmp_path / "scratch"), "--markdown", str(report)]  # fmt: skip
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr
+    # The script checks every file arrived and the spool emptied; a row per size.
+    rows = [line for line in report.read_text().splitlines() if line.startswith("| 5")]
+    assert len(rows) == 1 and rows[0].startswith("| 50 | "), report.read_text()
+    assert not (tmp_path / "scratch").exists()
