@@ -40,7 +40,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 
-from dlogd import journal
+from dlogd import journal, trigger
 from dlogd.config import (
     DEFAULT_SERVER_CONFIG,
     Archive,
@@ -509,6 +509,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _take_trigger() -> None:
+    """Take dlogd-archive.path's trigger before looking at the stores: a file
+    stored from now on makes it again, and the next run starts when this ends."""
+    path = trigger.stored_trigger()
+    if path is None:
+        return
+    try:
+        trigger.take(path)
+    except OSError as exc:
+        print(f"dlogd-archive: cannot remove {path}: {exc.strerror or exc}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     from dlogd.backoff import RetryState
 
@@ -526,6 +538,7 @@ def main(argv: list[str] | None = None) -> int:
         # Two runs at once could both upload one file (two versions): one at a time.
         print("dlogd-archive: another run is archiving now", file=sys.stderr)
         return 0
+    _take_trigger()
     backoff = RetryState(args.state, BACKOFF)
     now = time.time()
     due = backoff.due(BACKOFF_KEY, now)

@@ -26,7 +26,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-from dlogd import activation, journal
+from dlogd import activation, journal, trigger
 from dlogd.config import DEFAULT_SERVER_CONFIG, ServerConfig, load_logged, load_server
 from dlogd.driver import Driver
 from dlogd.shipwire import (
@@ -319,6 +319,7 @@ class Session:
         if not self.batch:
             return
         batch, self.batch, self.batch_bytes = self.batch, {}, 0
+        stored_now = False
         for store in {upload.store for upload in batch}:
             try:
                 done = store.commit()
@@ -333,11 +334,30 @@ class Session:
                     self._fail(offer, _store_code(upload.failure), str(upload.failure))
                     continue
                 self.stored += 1
+                stored_now = True
                 self._record(
                     journal.RECEIVE_STORED, "stored", offer, stored_as=upload.stored_as or ""
                 )
                 self.link.send(Stored(offer.file_id))
+        if stored_now:
+            self._announce_stored()
         self._answer_deferred()
+
+    def _announce_stored(self) -> None:
+        """Wake dlogd-archive.path, where this collector archives (``dlogd.trigger``)."""
+        path = trigger.stored_trigger()
+        if self.config.archive is None or path is None:
+            return
+        try:
+            trigger.announce(path)
+        except OSError as exc:
+            # The files are stored; the archive's timer finds them a little later.
+            journal.send(
+                f"cannot touch the archive's trigger file {path}: {exc.strerror or exc}",
+                message_id=journal.ARCHIVE_FAILED,
+                priority=5,
+                path=path,
+            )
 
     # --- endings ---
 

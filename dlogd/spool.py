@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import queue
 
-from dlogd import journal
+from dlogd import journal, trigger
 from dlogd.crash import crash_point
 from dlogd.fsutil import DIR_FLAGS
 from dlogd.names import BASENAME_RE, HOST_RE, KEYWORD_RE, entry_name
@@ -584,27 +584,17 @@ class Spool:
         return fd
 
     def announce(self) -> None:
-        """Wake the shipper: the trigger file exists until a drain takes it.
+        """Wake the shipper: the trigger file exists until a drain takes it
+        (``dlogd.trigger``; ``dlogd-ship.path`` watches it with PathExists=).
 
-        ``dlogd-ship.path`` watches with PathExists=, which systemd checks again
-        when the drain it started ends: a submit that lands while a drain runs
-        (the path unit is not watching then) starts the next drain at once.
-        PathChanged= would lose that event. A trigger file, not the spool
-        itself, so that a spool that stays full while a collector is down does
-        not keep re-firing the path unit: each drain takes the file first.
+        A trigger file, not the spool itself, so that a spool that stays full
+        while a collector is down does not keep re-firing the path unit.
         """
         try:
-            fd = os.open(
-                TRIGGER,
-                os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK,
-                0o640,
-                dir_fd=self.root_fd,
-            )
+            trigger.announce_at(self.root_fd, TRIGGER)
         except OSError as e:
             # The entry is durable and the timer will find it; only promptness is lost.
             _warn(f"cannot touch trigger file: {e.strerror}", "-", TRIGGER)
-            return
-        os.close(fd)
 
     def take_announcement(self) -> None:
         """Remove the trigger file before a pass reads the spool.
@@ -613,9 +603,7 @@ class Spool:
         starts another drain after this one unless this one already saw it.
         """
         try:
-            os.unlink(TRIGGER, dir_fd=self.root_fd)
-        except FileNotFoundError:
-            pass
+            trigger.take_at(self.root_fd, TRIGGER)
         except OSError as e:
             # The pass goes on; the path unit may start one more drain than needed.
             _warn(f"cannot remove trigger file: {e.strerror}", "-", TRIGGER)

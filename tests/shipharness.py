@@ -223,7 +223,14 @@ class Collector:
                 self.kill()
 
 
-def start_collector(config: Path, workdir: Path, *, port: int = 0, tag: str = "") -> Collector:
+def start_collector(
+    config: Path,
+    workdir: Path,
+    *,
+    port: int = 0,
+    tag: str = "",
+    extra_env: Mapping[str, str] | None = None,
+) -> Collector:
     """``python -m dlogd.receive --listen 127.0.0.1:PORT``; waits for its port line."""
     stderr_path = workdir / f"collector{tag}-{time.monotonic_ns()}.stderr"
     cmd = [sys.executable, "-m", "dlogd.receive", "--config", str(config)]
@@ -232,7 +239,7 @@ def start_collector(config: Path, workdir: Path, *, port: int = 0, tag: str = ""
             [*cmd, "--listen", f"{LOOPBACK}:{port}"],
             stdout=subprocess.PIPE,
             stderr=err,
-            env=env(workdir / "cache"),
+            env=env(workdir / "cache", **(extra_env or {})),
             cwd=REPO,
             start_new_session=True,
         )

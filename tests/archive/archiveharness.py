@@ -18,7 +18,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dlogd import config, schema
+from dlogd import config, schema, trigger
 from dlogd.config import Archive, Host, Limits, ServerConfig, ServerKeyword
 from tests.archive import cephlab
 from tests.shipharness import (
@@ -78,6 +78,14 @@ class World:
         return self.site.store_dir()
 
     @property
+    def trigger(self) -> Path:
+        """dlogd-archive.path's trigger file, as the units name it (DLOGD_STORED_TRIGGER)."""
+        return self.root / "stored-trigger"
+
+    def env(self, **extra: str) -> dict[str, str]:
+        return env(self.site.cache, **{trigger.STORED_ENV: str(self.trigger)}, **extra)
+
+    @property
     def server_conf(self) -> Path:
         return self.root / "server.conf"
 
@@ -106,7 +114,9 @@ class World:
 
     def start_collector(self) -> Collector:
         self.configure()
-        self.collector = start_collector(self.server_conf, self.root)
+        self.collector = start_collector(
+            self.server_conf, self.root, extra_env={trigger.STORED_ENV: str(self.trigger)}
+        )
         self.site.running.append(self.collector)
         return self.collector
 
@@ -139,7 +149,7 @@ class World:
                 [GNU_TIME, "-q", "-f", "%M", "-o", str(peak), *self.command()],
                 capture_output=True,
                 text=True,
-                env=env(self.site.cache, **extra_env),
+                env=self.env(**extra_env),
                 cwd=REPO,
                 timeout=timeout,
             )
@@ -155,7 +165,7 @@ class World:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
-            env=env(self.site.cache),
+            env=self.env(),
             cwd=REPO,
             start_new_session=True,
         )

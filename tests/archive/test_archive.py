@@ -37,9 +37,11 @@ def test_end_to_end_locked_copy(world: World, s3: S3Client, bucket: str) -> None
     source = make_file(world.root / "app.log", b"audit line\n" * 5000)
     [name] = world.deliver(source)
     assert (world.store / name).exists()
+    assert world.trigger.exists(), "the collector did not wake dlogd-archive.path"
 
     run = world.run()
     assert run.returncode == 0, run.stderr
+    assert not world.trigger.exists(), "the run did not take the trigger"
     [stored] = run.of(journal.ARCHIVE_STORED)
     day = datetime.datetime.fromtimestamp(int(name.split(".")[0]), datetime.UTC)
     key = f"{KEYWORD}/{SENDER}/{day:%Y}/{day:%m}/{name}"
