@@ -41,7 +41,7 @@ from labfleet import (
     unit_invocations,
     wait_for_files,
 )
-from labhosts import LabHost, wait_until
+from labhosts import CONTROL_ADDRESS, LabHost, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 
 from dlogd import journal
@@ -290,3 +290,44 @@ def _grown(fleet: Fleet) -> None:
     assert "dlogd_status_generated_timestamp_seconds" in {f.name for f in families}
     owner = web1.run(["stat", "-c", "%U", METRICS_FILE]).stdout.strip()
     assert owner == "dlogd", "the shipper, as user dlogd, writes the file"
+
+
+HOST_PYTHON = "/opt/dlogd/venv/bin/python"  # the venv dlogd_install makes
+CREDENTIALS = "/etc/dlogd/archive.credentials"
+ARCHIVE_UNITS = ["dlogd-archive.path", "dlogd-archive.timer"]
+
+
+def test_collector_with_an_archive_gets_the_s3_client_units_and_credentials(fleet: Fleet) -> None:
+    """The fleet side of the archive tier: the roles install and switch it on and off.
+
+    The archive itself is the control node's address with nothing listening:
+    what an S3 store does is tests/archive's (a real Ceph); here the run that
+    cannot reach it must back off and say so, while the collector receives.
+    """
+    logs1, web1 = fleet.collector, fleet.lab["web1"]
+    archive = {"endpoint": f"http://{CONTROL_ADDRESS}:7480", "bucket": "dlogd-lab",
+               "retention": "1d", "mode": "governance"}  # fmt: skip
+    host_vars = {COLLECTOR: {"dlogd_collector_archive": archive,
+                             "dlogd_collector_archive_access_key": "lab-access-key",
+                             "dlogd_collector_archive_secret_key": "lab-secret-key"}}  # fmt: skip
+    with restored(fleet, "dlogd_collectors"):
+        fleet.rollout("--limit", "dlogd_collectors", host_vars=host_vars).check()
+        assert dump(logs1, "server")["archive"]["bucket"] == "dlogd-lab"
+        # The S3 client on the collector that archives, and on no client.
+        logs1.run([HOST_PYTHON, "-c", "import boto3"])
+        assert web1.run([HOST_PYTHON, "-c", "import boto3"], check=False).returncode != 0
+        assert logs1.run(["stat", "-c", "%a %U %G", CREDENTIALS]).stdout.split() == [
+            "400", "root", "root"
+        ]  # fmt: skip
+        assert logs1.run(["systemctl", "is-enabled", *ARCHIVE_UNITS]).stdout.split() == [
+            "enabled", "enabled"
+        ]  # fmt: skip
+        started = time.time()
+        logs1.run(["systemctl", "start", "dlogd-archive.service"], check=False)
+        retry = records(logs1, journal.ARCHIVE_RETRY, since=started)
+        assert retry and "unreachable" in retry[0]["MESSAGE"], logs1.journal_text()
+        assert "dlogd-archive.service" not in logs1.failed()  # EX_TEMPFAIL is not a failure
+    # Rolled out without the archive: switched off, and the credentials gone.
+    enabled = logs1.run(["systemctl", "is-enabled", *ARCHIVE_UNITS], check=False).stdout.split()
+    assert enabled == ["disabled", "disabled"]
+    assert logs1.run(["test", "-e", CREDENTIALS], check=False).returncode != 0

@@ -2,10 +2,14 @@
 # On the control node: build everything a dlogd host gets, for hosts that
 # install without internet access.
 #
-# Usage: build-payload.sh SOURCE OUTDIR PYTHON
+# Usage: build-payload.sh SOURCE OUTDIR PYTHON [archive]
 #   OUTDIR/*.whl            dlogd and every dependency (systemd-python built
 #                           here, for this platform and Python version)
 #   OUTDIR/wheelhouse.tar   those wheels, in one file to copy
+#   OUTDIR/wheelhouse-archive.tar
+#                           with "archive" only: the same plus dlogd's
+#                           "archive" extra (the S3 client), for the
+#                           collectors that archive; clients never get it
 #   OUTDIR/etc.tar          sysusers.d and tmpfiles.d declarations (for /etc)
 #   OUTDIR/units-ROLE.tar   the units of ROLE (client, server, both), for
 #                           /etc/systemd/system
@@ -13,7 +17,8 @@
 #                           units' documentation and the man pages dlogctl(1)
 #                           and dlogd.conf(5) (for /usr/local)
 # Prints one JSON line: {"changed": BOOL, "digest": "SHA-256 of the wheels",
-# "wheel": "dlogd's wheel file name"}.
+# "wheel": "dlogd's wheel file name", "archive_digest": the same for
+# wheelhouse-archive.tar, or ""}.
 #
 # Everything is reproducible: dlogd's wheel is built from a clean copy of
 # SOURCE (no stale build/ or egg-info can slip old modules in) with a fixed
@@ -22,7 +27,7 @@
 # Dependencies already in OUTDIR are reused offline; only missing ones are
 # fetched (or built).
 set -eu
-source=$1 out=$2 python=$3
+source=$1 out=$2 python=$3 extra=${4:-}
 epoch=315532800
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/dlogd-payload.XXXXXX")
 trap 'rm -rf "$tmp"' EXIT
@@ -78,6 +83,25 @@ mkdir "$tmp/wheels"
 cp "$out"/*.whl "$tmp/wheels/"
 archive wheelhouse.tar "$tmp/wheels"
 
+archive_digest=
+if [ "$extra" = archive ]; then
+    # The extra's requirements come from dlogd's own metadata (pyproject.toml).
+    mkdir -p "$out/archive"
+    cp "$out"/*.whl "$out/archive/"
+    "$python" -m pip wheel -q --no-index --find-links "$out/archive" --wheel-dir "$out/archive" \
+        "$dlogd_wheel[archive]" >&2 2>/dev/null ||
+        "$python" -m pip wheel -q --find-links "$out/archive" --wheel-dir "$out/archive" \
+            "$dlogd_wheel[archive]" >&2
+    # Older builds of dlogd go, as above.
+    for old in "$out"/archive/dlogd-*.whl; do
+        [ "${old##*/}" = "${dlogd_wheel##*/}" ] || rm -f "$old"
+    done
+    mkdir "$tmp/archive-wheels"
+    cp "$out"/archive/*.whl "$tmp/archive-wheels/"
+    archive wheelhouse-archive.tar "$tmp/archive-wheels"
+    archive_digest=$(cd "$out/archive" && sha256sum -- *.whl | sha256sum | cut -d' ' -f1)
+fi
+
 units=$source/systemd
 mkdir -p "$tmp/etc/sysusers.d" "$tmp/etc/tmpfiles.d"
 cp "$units/sysusers.d/dlogd.conf" "$tmp/etc/sysusers.d/"
@@ -87,7 +111,9 @@ archive etc.tar "$tmp/etc"
 # dlogd-watch.*: enabled by the client role only where watch { } blocks are configured.
 client="dlogd-submit.socket dlogd-submit@.service dlogd-ship.service dlogd-ship.path dlogd-ship.timer \
     dlogd-watch.service dlogd-watch.path dlogd-watch.timer"
-server="dlogd-receive.socket dlogd-receive@.service"
+# dlogd-archive.*: enabled by the collector role only where an archive is configured.
+server="dlogd-receive.socket dlogd-receive@.service \
+    dlogd-archive.service dlogd-archive.path dlogd-archive.timer"
 for role in client server both; do
     case $role in
         client) list=$client ;;
@@ -117,6 +143,7 @@ install -m 0644 "$source/clib/dlogd.h" "$local/include/"
 install -m 0644 "$source/clib/build/dlogd.pc" "$local/lib/pkgconfig/"
 install -m 0644 "$source/docs/systemd.md" "$local/share/doc/dlogd/"
 install -m 0644 "$source/docs/watch.md" "$local/share/doc/dlogd/"  # dlogd-watch.*'s Documentation=
+install -m 0644 "$source/docs/archive.md" "$local/share/doc/dlogd/"  # dlogd-archive.*'s
 # Generated from docs/*.md by scripts/manpages.sh; a test keeps them current.
 install -m 0644 "$source/docs/man/dlogctl.1" "$local/share/man/man1/"
 install -m 0644 "$source/docs/man/dlogd.conf.5" "$local/share/man/man5/"
@@ -124,4 +151,5 @@ find "$local" -type d -exec chmod 0755 {} +
 archive usr-local.tar "$local"
 
 digest=$(cd "$out" && sha256sum -- *.whl | sha256sum | cut -d' ' -f1)
-printf '{"changed": %s, "digest": "%s", "wheel": "%s"}\n' "$changed" "$digest" "${dlogd_wheel##*/}"
+printf '{"changed": %s, "digest": "%s", "wheel": "%s", "archive_digest": "%s"}\n' \
+    "$changed" "$digest" "${dlogd_wheel##*/}" "$archive_digest"
