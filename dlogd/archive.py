@@ -141,6 +141,9 @@ def multipart_etag(part_md5s: list[bytes]) -> str:
     return f"{hashlib.md5(b''.join(part_md5s)).hexdigest()}-{len(part_md5s)}"
 
 
+LOCK_MARGIN = 60.0  # seconds a single-part upload's lock is set beyond its request time
+
+
 def retain_until(last_modified: float, archive: Archive) -> float:
     """Locked for the retention period from the upload. Derived from the object, so a
     run adopting a killed run's upload sets (about) the same date; recorded once
@@ -417,7 +420,6 @@ class Archiver:
 
     def send(self, fd: int, key: str, local: Local) -> None:
         """Upload from the descriptor; each part's bytes must still be those hashed."""
-        self.bucket.abort_uploads(key)
 
         def part(number: int) -> tuple[bytes, bytes]:
             data = os.pread(fd, local.part_size, (number - 1) * local.part_size)
@@ -430,9 +432,16 @@ class Archiver:
             data, md5 = part(1)
             # Locked at once (the retention is then extended to the upload time's,
             # if it falls later): no moment without a lock for a killed run to leave.
-            lock = (self.archive.mode, retain_until(time.time(), self.archive))
-            self.bucket.put(key, data, md5, local.sha256, lock)
+            # LOCK_MARGIN: the date derived from the object's LastModified after the
+            # upload must not fall later than this one, or the lock is put again
+            # (two more requests per file).
+            until = retain_until(time.time() + LOCK_MARGIN, self.archive)
+            self.bucket.put(key, data, md5, local.sha256, (self.archive.mode, until))
         else:
+            # A file of several parts is always sent as a multipart upload: one a
+            # killed run left for this key is aborted first (a single-part file never
+            # had one, so it costs it no listing).
+            self.bucket.abort_uploads(key)
             self.bucket.put_parts(key, part, len(local.part_md5s), local.sha256)
 
     def remove_local(

@@ -186,7 +186,13 @@ class Bucket:
         if answer is None:
             return None
         version = answer.get("VersionId") or ""
-        mode, until = self.retention(key, version)
+        # RGW answers HEAD with the version's lock (as S3 does for a caller allowed
+        # to read it): a GetObjectRetention more, 50 ms a file here, only without.
+        if "ObjectLockRetainUntilDate" in answer:
+            mode = answer.get("ObjectLockMode")
+            until: float | None = _epoch(answer["ObjectLockRetainUntilDate"])
+        else:
+            mode, until = self.retention(key, version)
         return ObjectInfo(
             key=key,
             version_id=version,

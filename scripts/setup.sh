@@ -15,10 +15,11 @@ cd "$(dirname "$0")/.."
 # RSS in the memory tests. auditd, logrotate: dlogd-watch is tested against the
 # real ones (tests/process/test_auditd_watch.py, examples/logrotate.d). ceph-*,
 # radosgw: the archive tier's single-node Ceph (tests/archive; no Recommends).
+# rclone, s3cmd: the archive benchmark compares against them.
 PACKAGES="libsystemd-dev pkg-config systemd systemd-container iproute2 gcc make \
 python3-venv python3-cryptography rsync socat openssh-client openssh-server acl \
 util-linux vagrant pandoc groff-base man-db time auditd logrotate \
-ceph-mon ceph-osd ceph-mgr radosgw ceph-common"
+ceph-mon ceph-osd ceph-mgr radosgw ceph-common rclone s3cmd"
 
 missing=""
 for p in $PACKAGES; do
