@@ -36,8 +36,10 @@ import re
 import socket
 import stat
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, replace
 
 from dlogd import journal, trigger
@@ -105,6 +107,11 @@ class Record:
             return None
 
 
+def _raise_first(done: Iterable[Future[None]]) -> None:
+    for future in done:
+        future.result()
+
+
 def part_size(size: int) -> int:
     """PART_SIZE, doubled until the file fits in S3's 10,000 parts."""
     chosen = PART_SIZE
@@ -142,6 +149,7 @@ def multipart_etag(part_md5s: list[bytes]) -> str:
 
 
 LOCK_MARGIN = 60.0  # seconds a single-part upload's lock is set beyond its request time
+WORKERS = 4  # files archived at once (Archiver.run)
 
 
 def retain_until(last_modified: float, archive: Archive) -> float:
@@ -315,22 +323,42 @@ class Archiver:
         self.state = state
         self.bucket = bucket
         self.outcome = Outcome()
+        self._counting = threading.Lock()  # the workers of run() count into one Outcome
+
+    def _count(self, what: str) -> None:
+        with self._counting:
+            setattr(self.outcome, what, getattr(self.outcome, what) + 1)
 
     def targets(self) -> Iterator[tuple[str, str, str]]:
         return archived_dirs(self.config)
 
     def run(self) -> Outcome:
-        """Raises :class:`dlogd.s3.ArchiveDown` when the store cannot be reached."""
-        for keyword, host, directory in self.targets():
-            try:
-                dir_fd = os.open(directory, DIR_FLAGS)
-            except FileNotFoundError:
-                continue  # nothing received yet
-            try:
-                for name in stored_names(dir_fd):
-                    self.one(dir_fd, keyword, host, name)
-            finally:
-                os.close(dir_fd)
+        """Raises :class:`dlogd.s3.ArchiveDown` when the store cannot be reached.
+
+        ``WORKERS`` files at a time: each request waits on the store for a round
+        trip, and a file takes three (HEAD, PUT, HEAD). What one file needs is
+        the same as alone (its record, its own lock on the store's side), so a
+        run killed at any point leaves each file as a sequential run would.
+        Memory stays bounded: at most ``WORKERS`` part buffers.
+        """
+        with ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="archive") as pool:
+            for keyword, host, directory in self.targets():
+                try:
+                    dir_fd = os.open(directory, DIR_FLAGS)
+                except FileNotFoundError:
+                    continue  # nothing received yet
+                running: set[Future[None]] = set()
+                try:
+                    for name in stored_names(dir_fd):
+                        if len(running) >= WORKERS:
+                            done, running = wait(running, return_when=FIRST_COMPLETED)
+                            _raise_first(done)  # ArchiveDown: no new file is started
+                        running.add(pool.submit(self.one, dir_fd, keyword, host, name))
+                finally:
+                    # Every file of the directory ends before its descriptor closes.
+                    done, _ = wait(running)
+                    os.close(dir_fd)
+                _raise_first(done)
         return self.outcome
 
     def one(self, dir_fd: int, keyword: str, host: str, name: str) -> None:
@@ -347,7 +375,7 @@ class Archiver:
             else:
                 self.remove_local(fd, dir_fd, keyword, host, name, record)
         except (ArchiveRefused, Changed, OSError) as exc:
-            self.outcome.failed += 1
+            self._count("failed")
             journal.send(
                 f"not archived: {exc}",
                 message_id=journal.ARCHIVE_FAILED,
@@ -402,8 +430,7 @@ class Archiver:
             archived_at=time.time(),
         )
         write_record(self.state, keyword, host, name, record)
-        self.outcome.adopted += adopted
-        self.outcome.archived += not adopted
+        self._count("adopted" if adopted else "archived")
         journal.send(
             f"archived as {key}" + (" (found already uploaded)" if adopted else ""),
             message_id=journal.ARCHIVE_STORED,
@@ -472,7 +499,7 @@ class Archiver:
         os.unlink(name, dir_fd=dir_fd)
         os.fsync(dir_fd)
         write_record(self.state, keyword, host, name, replace(record, removed_at=time.time()))
-        self.outcome.removed += 1
+        self._count("removed")
         journal.send(
             f"local copy removed, archived as {record.key}",
             message_id=journal.ARCHIVE_REMOVED,

@@ -433,7 +433,11 @@ def wait_for_files(host: LabHost, directory: str, names: Iterable[str], timeout:
 def retry_state(host: LabHost, collector: str = COLLECTOR) -> dict[str, float] | None:
     """The shipper's backoff record for ``collector`` plus the file's mtime; None if absent."""
     path = f"{SPOOL}/.retry/{collector}.json"
-    done = host.run(f"stat -c %.6Y {path} && cat {path}", check=False)
+    # The mtime and the content of one file: the shipper replaces it by rename, so
+    # a stat and a cat apart could pair one version's mtime with the next's content.
+    read = ("import os, sys\nwith open(sys.argv[1]) as f:\n"
+            "    print(os.fstat(f.fileno()).st_mtime); print(f.read())")  # fmt: skip
+    done = host.run([APP_PYTHON, "-c", read, path], check=False)
     if done.returncode != 0:
         return None
     mtime, _, text = done.stdout.partition("\n")
