@@ -47,7 +47,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_submit import BENCH_ROOT, PYTHON, machine, vm_hwm_kib  # noqa: E402
+from bench_submit import BENCH_ROOT, DURABLE_LOOP, PYTHON, machine, vm_hwm_kib  # noqa: E402
 
 from dlogd import pki  # noqa: E402
 from dlogd.spool import Spool  # noqa: E402
@@ -284,6 +284,16 @@ def dd(bench: Bench, case: str) -> Run:
     return Run(seconds, sync_seconds(bench.dest), {"dd": rss})
 
 
+def durable_loop(every: int) -> Transfer:
+    def run(bench: Bench, case: str) -> Run:
+        argv = [PYTHON, "-c", DURABLE_LOOP, str(bench.small), str(bench.dest / "small"),
+                str(every)]  # fmt: skip
+        seconds, rss = measured(argv, log=bench.logs / "loop.log")
+        return Run(seconds, sync_seconds(bench.dest), {f"python loop ({every})": rss})
+
+    return run
+
+
 def ssh_command(bench: Bench) -> str:
     return " ".join(["ssh", *SSH_OPTS, "-i", str(bench.ssh_key), "-p", str(bench.ssh_port)])
 
@@ -452,7 +462,11 @@ def _frame_name(frame: str) -> str:
 # -- report -------------------------------------------------------------------------
 
 CONTENDERS: dict[str, Transfer] = {"dlogd": dlogd, "rsync -e ssh": rsync, "scp": scp,
-                                   "socat TLS pipe": socat, "dd conv=fsync": dd}  # fmt: skip
+                                   "socat TLS pipe": socat, "dd conv=fsync": dd,
+                                   "loop: fsync each": durable_loop(1),
+                                   "loop: syncfs per 500": durable_loop(500)}  # fmt: skip
+# Contenders that measure one case only: the disk's limit for it.
+ONLY = {"dd conv=fsync": "big", "loop: fsync each": "small", "loop: syncfs per 500": "small"}
 CASES = {"big": "the big random file (1 GiB unless --big-mib)",
          "small": "many 4 KiB files (10,000 unless --small-count)"}  # fmt: skip
 
@@ -463,7 +477,7 @@ def run_all(bench: Bench, repeat: int) -> tuple[dict[tuple[str, str], list[Run]]
         for i in range(repeat):
             for case in CASES:
                 for name, transfer in CONTENDERS.items():
-                    if name.startswith("dd") and case != "big":
+                    if ONLY.get(name, case) != case:
                         continue
                     bench.clean_dest()
                     run = transfer(bench, case)

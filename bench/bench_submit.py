@@ -88,6 +88,69 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[rank]
 
 
+# What the disk allows a program that makes each small file durable itself:
+# write + fsync each (argv[3] == 1), or one syncfs per N files (the group commit
+# dlogd's collector does), then the directory. Run as its own process, like
+# every other contender, so that its start is counted as theirs is.
+DURABLE_LOOP = """
+import ctypes, os, sys
+src, dst, every = sys.argv[1], sys.argv[2], int(sys.argv[3])
+os.mkdir(dst)
+dfd = os.open(dst, os.O_RDONLY | os.O_DIRECTORY)
+libc = ctypes.CDLL(None, use_errno=True)
+names = sorted(os.listdir(src))
+for n, name in enumerate(names, 1):
+    with open(os.path.join(src, name), "rb") as f:
+        data = f.read()
+    fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644, dir_fd=dfd)
+    os.write(fd, data)
+    if every == 1:
+        os.fsync(fd)
+    os.close(fd)
+    if every > 1 and n % every == 0 and libc.syncfs(dfd) != 0:
+        raise OSError(ctypes.get_errno(), "syncfs")
+if every > 1 and libc.syncfs(dfd) != 0:
+    raise OSError(ctypes.get_errno(), "syncfs")
+os.fsync(dfd)
+"""
+
+
+def alternating(
+    count: int, operation: Callable[[int], int], reference: list[str]
+) -> tuple[Latencies, Latencies]:
+    """``operation(i)`` and a run of ``reference`` in turn, ``count`` times each:
+    whatever the machine does meanwhile weighs on both alike."""
+    ours, theirs = Latencies(), Latencies()
+    for i in range(count):
+        t0 = time.perf_counter()
+        ours.items += operation(i)
+        t1 = time.perf_counter()
+        subprocess.run(reference, check=True)
+        t2 = time.perf_counter()
+        ours.samples.append(t1 - t0)
+        theirs.samples.append(t2 - t1)
+        theirs.items += 1
+    ours.span, theirs.span = sum(ours.samples), sum(theirs.samples)
+    return ours, theirs
+
+
+def durable_loop_rate(work: Workdir, files: list[Path]) -> Latencies:
+    """The fsync-per-file loop over ``files`` (a process of its own, as a submitter is)."""
+    src = work.root / "loop-src"
+    shutil.rmtree(src, ignore_errors=True)
+    src.mkdir()
+    for path in files:
+        os.link(path, src / path.name)
+    dst = work.root / "loop-dst"
+    shutil.rmtree(dst, ignore_errors=True)
+    t0 = time.perf_counter()
+    subprocess.run([PYTHON, "-c", DURABLE_LOOP, str(src), str(dst), "1"], check=True)
+    span = time.perf_counter() - t0
+    shutil.rmtree(src)
+    shutil.rmtree(dst)
+    return Latencies([span], span, len(files))
+
+
 def timed(count: int, operation: Callable[[int], int]) -> Latencies:
     """Run ``operation(i)`` ``count`` times in a row; it returns how many files it handled."""
     result = Latencies()
@@ -471,14 +534,20 @@ def run(args: argparse.Namespace) -> str:
     try:
         with activated(work, "activated") as sock:
             timed(5, one_per_connection(sock, files))  # warm the page cache and .pyc files
-            results["(a) socket-activated, one connection per submit"] = timed(
-                args.submits, one_per_connection(sock, files)
+            single, interpreter = alternating(
+                args.submits, one_per_connection(sock, files), [PYTHON, "-I", "-S", "-c", "pass"]
             )
+            results["(a) socket-activated, one connection per submit"] = single
+            results["(ref) `python -I -S -c pass`, alternating with (a)"] = interpreter
             results["(a) the same, 4 clients at once"] = timed_concurrently(
                 args.submits, 4, one_per_connection(sock, files)
             )
             results[f"(b) socket-activated, submit_many of {args.batch} (latency per batch)"] = (
                 timed(args.batches, batches(sock, files, args.batch))
+            )
+            # The same files made durable one by one by a program of its own.
+            results["(ref) fsync-per-file loop over the same files (one process)"] = (
+                durable_loop_rate(work, files[: args.batch * args.batches])
             )
             binary = build_c_client(root / "clib")
             if binary is not None:
@@ -496,7 +565,7 @@ def run(args: argparse.Namespace) -> str:
             memory["`--listen` server (VmHWM after the runs above)"] = (
                 f"{vm_hwm_kib(pid) / 1024:.1f} MiB"
             )
-        rss = instance_memory(work, 20)
+        rss = instance_memory(work, min(20, len(work.files)))
         memory["socket-activated instance (ru_maxrss, median of 20)"] = (
             f"{statistics.median(rss) / 1024:.1f} MiB (max {max(rss) / 1024:.1f})"
         )
