@@ -43,15 +43,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_submit import BENCH_ROOT, PYTHON, machine  # noqa: E402
+from benchlib import BENCH_ROOT, PYTHON, preamble, publish
 
-from dlogd import config  # noqa: E402
-from dlogd.config import Archive, Host, ServerConfig, ServerKeyword  # noqa: E402
-from tests.archive import cephlab  # noqa: E402
+from dlogd import config
+from dlogd.config import Archive, Host, ServerConfig, ServerKeyword
+from tests.archive import cephlab
 
 KEYWORD = "bench"
 HOST = "web1"
@@ -211,12 +209,9 @@ def run_all(bench: Bench, repeat: int) -> dict[tuple[str, str], list[float]]:
 
 
 def report(bench: Bench, runs: dict[tuple[str, str], list[float]], repeat: int) -> str:
-    command = "sudo .venv/bin/python bench/bench_archive.py " + " ".join(sys.argv[1:])
-    lines = ["## Archive: stored files -> radosgw (issue 11)", "",
-             *(f"- {k}: {v}" for k, v in machine().items()),
-             "- store: single-node Ceph 16.2 (one memstore OSD, radosgw on loopback)",
-             f"- reproduce: `{command.strip()}`",
-             f"- medians of {repeat} runs, tools alternating", ""]  # fmt: skip
+    lines = preamble("Archive: stored files -> radosgw (issue 11)", "bench_archive.py",
+                     "store: single-node Ceph 16.2 (one memstore OSD, radosgw on loopback)",
+                     f"medians of {repeat} runs, tools alternating")  # fmt: skip
     titles = {"big": f"one {bench.big_size >> 20} MiB file",
               "small": f"{bench.small_count:,} x {SMALL_SIZE // 1024} KiB"}  # fmt: skip
     for case, title in titles.items():
@@ -255,10 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         bench = prepare(args.root, endpoint, args.big_mib << 20, args.small_count)
         stack.callback(shutil.rmtree, args.root, ignore_errors=True)
         text = report(bench, run_all(bench, args.repeat), args.repeat)
-    print(text)
-    if args.markdown:
-        Path(args.markdown).write_text(text)
-    return 0
+    return publish(text, args.markdown)
 
 
 if __name__ == "__main__":

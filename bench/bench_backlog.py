@@ -50,7 +50,7 @@ from bench_ship import (
     ship_argv,
     spool_files,
 )
-from bench_submit import BENCH_ROOT, machine
+from benchlib import BENCH_ROOT, preamble, publish
 
 from dlogd import pki
 
@@ -121,12 +121,9 @@ def drain(bench: Bench, files: list[Path]) -> Drain:
 
 
 def report(sizes: list[int], runs: dict[int, list[Drain]], repeat: int) -> str:
-    command = "sudo .venv/bin/python bench/bench_backlog.py " + " ".join(sys.argv[1:])
-    lines = ["## Backlog: one shipper run over a long spool (issue 12)", "",
-             *(f"- {k}: {v}" for k, v in machine().items()),
-             f"- reproduce: `{command.strip()}`",
-             f"- {FILE_SIZE} B files, medians of {repeat} runs, sizes alternating; "
-             "the peak RSS is the largest of the runs", "",
+    lines = [*preamble("Backlog: one shipper run over a long spool (issue 12)", "bench_backlog.py",
+                       f"{FILE_SIZE} B files, medians of {repeat} runs, sizes alternating; "
+                       "the peak RSS is the largest of the runs"),
              "| entries in the spool | first file stored | whole run | files/s | shipper peak RSS |"
              " files/s ÷ smallest | RSS ÷ smallest |",
              "|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
@@ -169,10 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         text = report(sizes, runs, args.repeat)
     finally:
         shutil.rmtree(args.root, ignore_errors=True)
-    print(text)
-    if args.markdown:
-        Path(args.markdown).write_text(text)
-    return 0
+    return publish(text, args.markdown)
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ from bench_ship import (
     tls_block,
     wait_listening,
 )
-from bench_submit import BENCH_ROOT, PYTHON, machine
+from benchlib import BENCH_ROOT, PYTHON, preamble, publish
 
 from dlogd import pki
 
@@ -137,12 +137,11 @@ def check_fan_in(directory: Path, files: list[Path]) -> None:
 
 
 def report(counts: list[int], files: int, runs: dict[int, list[float]], repeat: int) -> str:
-    command = "sudo .venv/bin/python bench/bench_fanin.py " + " ".join(sys.argv[1:])
-    lines = ["## Fan-in: shippers at once into one socket-activated collector (issue 12)", "",
-             *(f"- {k}: {v}" for k, v in machine().items()),
-             f"- reproduce: `{command.strip()}`",
-             f"- {files} files of {SMALL_SIZE // 1024} KiB per sender, medians of {repeat} runs, "
-             "sender counts alternating; the time is until the last shipper exited", "",
+    lines = [*preamble("Fan-in: shippers at once into one socket-activated collector (issue 12)",
+                       "bench_fanin.py",
+                       f"{files} files of {SMALL_SIZE // 1024} KiB per sender, medians of "
+                       f"{repeat} runs, sender counts alternating; the time is until the last "
+                       "shipper exited"),
              "| senders | files | seconds | files/s | MB/s | files/s ÷ one sender |",
              "|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     single = counts[0] * files / statistics.median(runs[counts[0]])
@@ -175,10 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         text = report(counts, args.files, runs, args.repeat)
     finally:
         shutil.rmtree(args.root, ignore_errors=True)
-    print(text)
-    if args.markdown:
-        Path(args.markdown).write_text(text)
-    return 0
+    return publish(text, args.markdown)
 
 
 if __name__ == "__main__":

@@ -43,14 +43,12 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_submit import BENCH_ROOT, DURABLE_LOOP, PYTHON, machine, vm_hwm_kib  # noqa: E402
+from benchlib import BENCH_ROOT, DURABLE_LOOP, PYTHON, preamble, publish, vm_hwm_kib
 
-from dlogd import pki  # noqa: E402
-from dlogd.spool import Spool  # noqa: E402
+from dlogd import pki
+from dlogd.spool import Spool
 
 KEYWORD = "bench"
 LOOPBACK = "127.0.0.1"
@@ -496,11 +494,8 @@ def rates(bench: Bench, case: str, seconds: float) -> str:
 
 def report(bench: Bench, runs: dict[tuple[str, str], list[Run]], sshd_rss: dict[str, int],
            profiles: dict[str, dict[str, list[tuple[float, str]]]], repeat: int) -> str:  # fmt: skip
-    meta = machine()
-    command = "sudo .venv/bin/python bench/bench_ship.py " + " ".join(sys.argv[1:])
-    lines = ["## Ship (issue 5)", "", *(f"- {k}: {v}" for k, v in meta.items()),
-             f"- reproduce: `{command.strip()}`",
-             f"- medians of {repeat} runs; the time is until the tool returned", ""]  # fmt: skip
+    lines = preamble("Ship (issue 5)", "bench_ship.py",
+                     f"medians of {repeat} runs; the time is until the tool returned")  # fmt: skip
     for case, title in CASES.items():
         median = {name: statistics.median(r.seconds for r in rs)
                   for (name, c), rs in runs.items() if c == case}  # fmt: skip
@@ -567,10 +562,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if not args.keep:
             shutil.rmtree(bench.root, ignore_errors=True)
-    print(text)
-    if args.markdown:
-        Path(args.markdown).write_text(text)
-    return 0
+    return publish(text, args.markdown)
 
 
 if __name__ == "__main__":

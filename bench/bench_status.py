@@ -33,15 +33,13 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # run as a script from anywhere: import this checkout's dlogd
-sys.path.insert(0, str(REPO / "bench"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_submit import BENCH_ROOT, PYTHON, machine  # noqa: E402
+from benchlib import BENCH_ROOT, PYTHON, REPO, machine, publish
 
-from dlogd import config  # noqa: E402
-from dlogd.names import entry_basename  # noqa: E402
-from dlogd.spool import Spool  # noqa: E402
+from dlogd import config
+from dlogd.names import entry_basename
+from dlogd.spool import Spool
 
 ROOT = BENCH_ROOT / "status"
 KEYWORD = "bench"
@@ -152,10 +150,7 @@ def main() -> int:
     finally:
         shutil.rmtree(args.root, ignore_errors=True)
     report = markdown(rows, args.repeat, ["bench/bench_status.py", *sys.argv[1:]])
-    print(report, end="")
-    if args.markdown:
-        Path(args.markdown).write_text(report)
-    return 0
+    return publish(report, args.markdown)
 
 
 if __name__ == "__main__":

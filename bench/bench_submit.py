@@ -22,7 +22,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import re
 import shutil
 import signal
@@ -35,16 +34,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-PYTHON = str(REPO / ".venv" / "bin" / "python")
-BENCH_ROOT = Path("/tmp/dlogd-bench")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from benchlib import BENCH_ROOT, DURABLE_LOOP, PYTHON, REPO, machine, publish, vm_hwm_kib
+
+from dlogd import client
+from dlogd.spool import Spool
+
 KEYWORD = "bench"
 FILE_SIZE = 4096
-
-sys.path.insert(0, str(REPO))  # run as a script from anywhere: import this checkout's dlogd
-
-from dlogd import client  # noqa: E402
-from dlogd.spool import Spool  # noqa: E402
 
 # Runs the service under fork + wait4 so its peak RSS can be read; LISTEN_PID
 # must name the process that serves, so the child sets it to itself.
@@ -86,33 +84,6 @@ def percentile(values: Sequence[float], q: float) -> float:
     ordered = sorted(values)
     rank = max(0, min(len(ordered) - 1, round(q / 100 * len(ordered) + 0.5) - 1))
     return ordered[rank]
-
-
-# What the disk allows a program that makes each small file durable itself:
-# write + fsync each (argv[3] == 1), or one syncfs per N files (the group commit
-# dlogd's collector does), then the directory. Run as its own process, like
-# every other contender, so that its start is counted as theirs is.
-DURABLE_LOOP = """
-import ctypes, os, sys
-src, dst, every = sys.argv[1], sys.argv[2], int(sys.argv[3])
-os.mkdir(dst)
-dfd = os.open(dst, os.O_RDONLY | os.O_DIRECTORY)
-libc = ctypes.CDLL(None, use_errno=True)
-names = sorted(os.listdir(src))
-for n, name in enumerate(names, 1):
-    with open(os.path.join(src, name), "rb") as f:
-        data = f.read()
-    fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644, dir_fd=dfd)
-    os.write(fd, data)
-    if every == 1:
-        os.fsync(fd)
-    os.close(fd)
-    if every > 1 and n % every == 0 and libc.syncfs(dfd) != 0:
-        raise OSError(ctypes.get_errno(), "syncfs")
-if every > 1 and libc.syncfs(dfd) != 0:
-    raise OSError(ctypes.get_errno(), "syncfs")
-os.fsync(dfd)
-"""
 
 
 def alternating(
@@ -188,36 +159,6 @@ def command_seconds(argv: Sequence[str], runs: int, env: dict[str, str] | None =
         subprocess.run(argv, check=True, capture_output=True, env=env)
         samples.append(time.perf_counter() - t0)
     return statistics.median(samples)
-
-
-def vm_hwm_kib(pid: int) -> int:
-    """Peak resident set of a live process, from /proc (kernel-kept high-water mark)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1])
-    return 0
-
-
-def machine() -> dict[str, str]:
-    """What the numbers were measured on."""
-    model = ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    mem_kib = int(Path("/proc/meminfo").read_text().split()[1])
-    fs = subprocess.run(
-        ["df", "--output=source,fstype", str(BENCH_ROOT)], capture_output=True, text=True
-    ).stdout.splitlines()[-1]
-    return {
-        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
-        "cpus": f"{os.cpu_count()} x {model}",
-        "memory": f"{mem_kib / 1024 / 1024:.0f} GiB",
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "disk": " ".join(fs.split()) + " (temp data under /tmp/dlogd-bench)",
-    }
 
 
 # -- the service under test ---------------------------------------------------------
@@ -604,11 +545,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    text = run(args)
-    print(text)
-    if args.markdown:
-        Path(args.markdown).write_text(text)
-    return 0
+    return publish(run(args), args.markdown)
 
 
 if __name__ == "__main__":
