@@ -314,6 +314,7 @@ def test_collector_with_an_archive_gets_the_s3_client_units_and_credentials(flee
                              "dlogd_collector_archive_access_key": "lab-access-key",
                              "dlogd_collector_archive_secret_key": "lab-secret-key"}}  # fmt: skip
     with restored(fleet, "dlogd_collectors"):
+        started = time.time()
         fleet.rollout("--limit", "dlogd_collectors", host_vars=host_vars).check()
         assert dump(logs1, "server")["archive"]["bucket"] == "dlogd-lab"
         # The S3 client on the collector that archives, and on no client.
@@ -325,10 +326,21 @@ def test_collector_with_an_archive_gets_the_s3_client_units_and_credentials(flee
         assert logs1.run(["systemctl", "is-enabled", *ARCHIVE_UNITS]).stdout.split() == [
             "enabled", "enabled"
         ]  # fmt: skip
-        started = time.time()
-        logs1.run(["systemctl", "start", "dlogd-archive.service"], check=False)
-        retry = records(logs1, journal.ARCHIVE_RETRY, since=started)
-        assert retry and "unreachable" in retry[0]["MESSAGE"], logs1.journal_text()
+        # A file stored now makes the receiver's trigger: dlogd-archive.path starts a
+        # run, which finds the store unreachable (a run with nothing stored to
+        # archive contacts no store at all).
+        path = "/home/alice/to-archive.log"
+        web1.write_file(path, b"for the archive\n" * 100, 0o600, owner="alice")
+        [answer] = fleet.submit_py(web1, "alice", KEYWORD, path)
+        assert answer.startswith(f"OK {KEYWORD}/"), answer
+        wait_for_files(logs1, fleet.store_dir("web1"), [answer.split("/", 1)[1]], timeout=40)
+
+        def backed_off() -> bool:
+            return bool(records(logs1, journal.ARCHIVE_RETRY, since=started))
+
+        wait_until(backed_off, 30, "an archive run to find the store unreachable")
+        [retry, *_] = records(logs1, journal.ARCHIVE_RETRY, since=started)
+        assert "unreachable" in retry["MESSAGE"], logs1.journal_text()
         assert "dlogd-archive.service" not in logs1.failed()  # EX_TEMPFAIL is not a failure
     # Rolled out without the archive: switched off, and the credentials gone.
     enabled = logs1.run(["systemctl", "is-enabled", *ARCHIVE_UNITS], check=False).stdout.split()

@@ -243,19 +243,30 @@ def probes(installed: Lab, lab_checkout: Path, lab_venv: Path) -> Iterator[Lab]:
         "/run/systemd/system/dlogd-submit@.service.d/zz-theirs.conf",
         "[Service]\nEnvironment=THEIRS=/var/spool/app/theirs\n",
     )
+    logs1 = installed["logs1"]
+    # The rollout's server.conf comes back afterwards: the lab's later tests
+    # (the watch's) roll out to the clients only and need the collector as it was.
+    server_conf = logs1.read_file("/etc/dlogd/server.conf")
+    # Only the runs the probes start themselves: a timer's run in between would
+    # run the ship probe against half-made probe files.
+    quiet = ["dlogd-ship.path", "dlogd-ship.timer"]
     try:
         for name in ("web1", "web2"):
+            installed[name].run(["systemctl", "stop", *quiet])
             install_probe(installed[name], "dlogd-submit@", SUBMIT_PROBE, python)
             install_probe(installed[name], "dlogd-ship", SHIP_PROBE, python)
         install_probe(installed["logs1"], "dlogd-receive@", RECEIVE_PROBE, python)
-        logs1 = installed["logs1"]
         logs1.write_file("/etc/dlogd/server.conf", b"# probe\n", 0o640)
         logs1.run(["chgrp", "dlogd", "/etc/dlogd/server.conf"])
         logs1.run(["systemctl", "start", "dlogd-receive.socket"])
         yield installed
     finally:
+        logs1.write_file("/etc/dlogd/server.conf", server_conf, 0o640)
+        logs1.run(["chgrp", "dlogd", "/etc/dlogd/server.conf"])
         for host in installed.hosts.values():
             remove_probes(host)
+        for name in ("web1", "web2"):
+            installed[name].run(["systemctl", "start", *quiet], check=False)
         web2.run("rm -f /run/systemd/system/dlogd-submit@.service.d/zz-theirs.conf")
         web2.run("umount /var/spool; systemctl daemon-reload", check=False)
 
