@@ -231,8 +231,7 @@ class Delivery:
         """The outcome with what the pass counted for this collector: the entries
         this connection never took (it ended first) and those on hold."""
         name = self.host.name
-        self.outcome.owed += backlog.owed[name] - backlog.held[name] - self.taken
-        self.outcome.owed += backlog.held[name]
+        self.outcome.owed += backlog.owed[name] - self.taken
         self.outcome.held += backlog.held[name]
         return self.outcome
 
@@ -490,7 +489,8 @@ def drain(config: ClientConfig, *, now: float | None = None) -> list[CollectorRe
             _schedule(outcome, retry)
             # A file refused for now does not back the collector off, but is its last error.
             record_run(config.spool, outcome.host, time.time(), _failure(outcome) or _held(outcome))
-        spool.cleanup(markers=False)  # ends the entries the pass found acknowledged by all
+        if spool.unowed_seen:
+            spool.cleanup(markers=False)  # ends the entries the pass found acknowledged by all
         return waiting + done
     finally:
         os.close(lock_fd)

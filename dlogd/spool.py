@@ -608,6 +608,11 @@ class Spool:
             # The pass goes on; the path unit may start one more drain than needed.
             _warn(f"cannot remove trigger file: {e.strerror}", "-", TRIGGER)
 
+    @property
+    def unowed_seen(self) -> bool:
+        """Whether pending() met entries acknowledged by all that cleanup() has yet to end."""
+        return bool(self._unowed)
+
     def keywords(self) -> list[str]:
         """Keyword directories present in the spool (symlinks and odd names skipped)."""
         return sorted(
