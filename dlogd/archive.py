@@ -301,10 +301,6 @@ def hash_local(fd: int) -> Local:
 # --- one run ---------------------------------------------------------------------------------
 
 
-class Changed(Exception):
-    """The local file changed while it was being archived."""
-
-
 @dataclass
 class Outcome:
     archived: int = 0
@@ -324,6 +320,7 @@ class Archiver:
         self.bucket = bucket
         self.outcome = Outcome()
         self._counting = threading.Lock()  # the workers of run() count into one Outcome
+        self.buffers = threading.BoundedSemaphore(WORKERS)  # part buffers in memory
 
     def _count(self, what: str) -> None:
         with self._counting:
@@ -374,7 +371,7 @@ class Archiver:
                 self.upload(fd, keyword, host, name)
             else:
                 self.remove_local(fd, dir_fd, keyword, host, name, record)
-        except (ArchiveRefused, Changed, OSError) as exc:
+        except (ArchiveRefused, OSError) as exc:
             self._count("failed")
             journal.send(
                 f"not archived: {exc}",
@@ -446,30 +443,36 @@ class Archiver:
         )
 
     def send(self, fd: int, key: str, local: Local) -> None:
-        """Upload from the descriptor; each part's bytes must still be those hashed."""
+        """Upload from the descriptor, each part with the MD5 it had when hashed.
+
+        At most ``WORKERS`` part buffers in memory in the whole run (``buffers``),
+        whether they belong to four small files or to one big one."""
 
         def part(number: int) -> tuple[bytes, bytes]:
+            # Sent with the MD5 taken when the file was hashed: the store refuses
+            # (BadDigest) bytes that changed since, so no second hash here.
             data = os.pread(fd, local.part_size, (number - 1) * local.part_size)
-            md5 = hashlib.md5(data).digest()
-            if md5 != local.part_md5s[number - 1]:
-                raise Changed(f"{key}: the local file changed while it was archived")
-            return data, md5
+            return data, local.part_md5s[number - 1]
 
         if len(local.part_md5s) == 1:
-            data, md5 = part(1)
-            # Locked at once (the retention is then extended to the upload time's,
-            # if it falls later): no moment without a lock for a killed run to leave.
-            # LOCK_MARGIN: the date derived from the object's LastModified after the
-            # upload must not fall later than this one, or the lock is put again
-            # (two more requests per file).
-            until = retain_until(time.time() + LOCK_MARGIN, self.archive)
-            self.bucket.put(key, data, md5, local.sha256, (self.archive.mode, until))
+            with self.buffers:
+                data, md5 = part(1)
+                self._put_single(key, data, md5, local)
         else:
             # A file of several parts is always sent as a multipart upload: one a
             # killed run left for this key is aborted first (a single-part file never
             # had one, so it costs it no listing).
             self.bucket.abort_uploads(key)
-            self.bucket.put_parts(key, part, len(local.part_md5s), local.sha256)
+            self.bucket.put_parts(key, part, len(local.part_md5s), local.sha256, self.buffers)
+
+    def _put_single(self, key: str, data: bytes, md5: bytes, local: Local) -> None:
+        # Locked at once (the retention is then extended to the upload time's,
+        # if it falls later): no moment without a lock for a killed run to leave.
+        # LOCK_MARGIN: the date derived from the object's LastModified after the
+        # upload must not fall later than this one, or the lock is put again
+        # (two more requests per file).
+        until = retain_until(time.time() + LOCK_MARGIN, self.archive)
+        self.bucket.put(key, data, md5, local.sha256, (self.archive.mode, until))
 
     def remove_local(
         self, fd: int, dir_fd: int, keyword: str, host: str, name: str, record: Record
@@ -517,7 +520,9 @@ class Archiver:
 
 def open_bucket(archive: Archive) -> Bucket:
     """The archive's bucket with its credentials (raises CredentialsRefused)."""
-    return Bucket(archive, read_credentials(credentials_path(archive.credentials)))
+    # A request per file worker, and the part uploads (at most WORKERS buffers).
+    credentials = read_credentials(credentials_path(archive.credentials))
+    return Bucket(archive, credentials, connections=2 * WORKERS)
 
 
 def run_lock(state: str) -> int | None:

@@ -23,7 +23,10 @@ import configparser
 import datetime
 import os
 import stat
+import threading
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +37,7 @@ if TYPE_CHECKING:
 
 SHA256_META = "sha256"  # x-amz-meta-sha256: the file's SHA-256, lowercase hex
 MAX_CREDENTIALS = 64 * 1024
+PART_THREADS = 4  # parts of one multipart upload in flight at once (put_parts)
 CREDENTIAL_NAME = "archive"  # LoadCredential=archive:... in dlogd-archive.service
 
 
@@ -130,7 +134,14 @@ def _epoch(moment: datetime.datetime) -> float:
 class Bucket:
     """The archive bucket of one ``archive { }`` block."""
 
-    def __init__(self, archive: Archive, credentials: Credentials, *, timeout: float = 60) -> None:
+    def __init__(
+        self,
+        archive: Archive,
+        credentials: Credentials,
+        *,
+        timeout: float = 60,
+        connections: int = 10,
+    ) -> None:
         import boto3
         from botocore.config import Config
 
@@ -147,6 +158,8 @@ class Bucket:
                 response_checksum_validation="when_required",
                 connect_timeout=timeout,
                 read_timeout=timeout,
+                # One per request in flight, or urllib3 drops the extra ones after use.
+                max_pool_connections=connections,
                 # Our own backoff on disk decides when to try again, not a retry loop here.
                 retries={"max_attempts": 2, "mode": "standard"},
             ),
@@ -236,12 +249,20 @@ class Bucket:
         )
 
     def put_parts(
-        self, key: str, parts: Callable[[int], tuple[bytes, bytes]], count: int, sha256_hex: str
+        self,
+        key: str,
+        parts: Callable[[int], tuple[bytes, bytes]],
+        count: int,
+        sha256_hex: str,
+        buffers: threading.Semaphore,
     ) -> None:
         """A multipart upload of ``count`` parts; ``parts(n)`` gives part n's bytes and MD5.
 
-        One part in memory at a time. An upload that fails is aborted; one left by
-        a killed run is aborted by :meth:`abort_uploads` before the next attempt.
+        Parts go up at once, as many as ``buffers`` (shared by every upload of the
+        run) allows: each holds one while its bytes are in memory, so a run never
+        holds more part buffers than the semaphore's count, and one big file can
+        use all of them. An upload that fails is aborted; one left by a killed run
+        is aborted by :meth:`abort_uploads` before the next attempt.
         """
         created = self._call(
             f"CreateMultipartUpload {key}",
@@ -250,13 +271,13 @@ class Bucket:
             ),
         )
         upload_id = created["UploadId"]
-        done = []
-        try:
-            for number in range(1, count + 1):
+
+        def upload(number: int) -> dict[str, Any]:
+            with buffers:
                 data, md5 = parts(number)
                 answer = self._call(
                     f"UploadPart {key} #{number}",
-                    lambda data=data, md5=md5, number=number: self.client.upload_part(  # type: ignore[misc]
+                    lambda: self.client.upload_part(
                         Bucket=self.name,
                         Key=key,
                         UploadId=upload_id,
@@ -265,8 +286,18 @@ class Bucket:
                         ContentMD5=content_md5(md5),
                     ),
                 )
-                done.append({"PartNumber": number, "ETag": answer["ETag"]})
-                del data
+            return {"PartNumber": number, "ETag": answer["ETag"]}
+
+        try:
+            with ThreadPoolExecutor(PART_THREADS, thread_name_prefix="part") as pool:
+                # At most PART_THREADS parts wait at once: the window moves as they end.
+                pending: deque[Future[dict[str, Any]]] = deque()
+                done = []
+                for number in range(1, count + 1):
+                    if len(pending) >= PART_THREADS:
+                        done.append(pending.popleft().result())
+                    pending.append(pool.submit(upload, number))
+                done.extend(future.result() for future in pending)
             self._call(
                 f"CompleteMultipartUpload {key}",
                 lambda: self.client.complete_multipart_upload(
