@@ -159,9 +159,7 @@ def rotate_by_events(log_dir: Path) -> None:
         with contextlib.suppress(FileNotFoundError):  # mid-rename: look again
             if _live_inode(log_dir) != first:
                 return
-        assert time.monotonic() < deadline, (
-            f"no rotation within {ROTATION_WAIT} s of {made} events"
-        )
+        assert time.monotonic() < deadline, f"no rotation within {ROTATION_WAIT} s of {made} events"
         # auditd writes asynchronously: chdir() can outrun it by far (the CI run
         # after the lab tier made 40,000 events before it wrote 1 MiB). Past
         # twice what fills a file, wait for it instead of making more, which
